@@ -1,0 +1,3 @@
+//! CPU backends: `reference` (plain loops, the oracle) and `fast` (SIMD and threads).
+
+pub mod reference;

@@ -1,0 +1,1 @@
+//! CUDA runtime: loads the embedded fatbin and launches kernels.

@@ -1,0 +1,1 @@
+//! Hugging Face safetensors layout: config.json, tokenizer.json, one or several `*.safetensors`.

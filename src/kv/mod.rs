@@ -1,0 +1,1 @@
+//! fp16 KV cache.

@@ -1,0 +1,6 @@
+//! Model configuration, weights, tokenizer and the forward pass.
+
+pub mod config;
+pub mod llama;
+pub mod tokenizer;
+pub mod weights;
