@@ -1,0 +1,1 @@
+//! Chat templates (Jinja, via minijinja).
