@@ -1,4 +1,77 @@
 //! The closed set of model-level ops and their implementations.
+//!
+//! The forward pass (`model::llama`) is written once, generic over [`Backend`]. Buffers are
+//! contiguous and shapes are explicit arguments; a buffer may be longer than an op uses (the
+//! scratch buffers are sized for the largest batch), and an op touches only the prefix its shape
+//! names. Activations are f32, row-major `[n_tokens, width]`.
 
 pub mod cpu;
 pub mod cuda;
+
+use anyhow::Result;
+
+use crate::backend::cpu::reference::RopeParams;
+use crate::model::weights::Tensor;
+
+pub trait Backend {
+    /// An f32 activation buffer.
+    type Buf;
+    /// A weight matrix as this backend holds it (in its stored block format).
+    type Weight;
+    /// One layer's KV cache.
+    type KvLayer;
+
+    /// A short description, for reports (`cpu-fast (2 threads)`).
+    fn describe(&self) -> String;
+
+    fn alloc(&self, n: usize) -> Result<Self::Buf>;
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// Copies the first `out.len()` values of `buf` into `out`.
+    fn download(&self, buf: &Self::Buf, out: &mut [f32]) -> Result<()>;
+    fn weight(&self, t: &Tensor) -> Result<Self::Weight>;
+
+    /// `out[t, :] = table[tokens[t], :]`, dequantized.
+    fn embed(&self, table: &Self::Weight, tokens: &[u32], out: &mut Self::Buf) -> Result<()>;
+    /// Copies rows `[row0, row0 + n_rows)` of `src` (`row_len` wide) to the start of `dst`.
+    fn copy_rows(&self, src: &Self::Buf, row0: usize, n_rows: usize, row_len: usize, dst: &mut Self::Buf)
+        -> Result<()>;
+    /// RMSNorm of `n_rows` rows of `w.len()` values.
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f32, n_rows: usize, out: &mut Self::Buf)
+        -> Result<()>;
+    /// `out[t, r] = sum_c w[r, c] * x[t, c]` for `n_tokens` rows of `x` (`w.n_cols` wide).
+    fn matmul(&self, w: &Self::Weight, x: &Self::Buf, n_tokens: usize, out: &mut Self::Buf) -> Result<()>;
+    /// `x[t, :] += b` for `n_tokens` rows of `width` values.
+    fn add_bias(&self, x: &mut Self::Buf, b: &Self::Buf, width: usize, n_tokens: usize) -> Result<()>;
+    /// RoPE in place over `[n_tokens, n_heads, head_dim]`, token `t` at position `pos0 + t`.
+    fn rope(&self, x: &mut Self::Buf, n_tokens: usize, pos0: usize, p: &RopeParams) -> Result<()>;
+    /// `gate[..n] = silu(gate) * up`.
+    fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, n: usize) -> Result<()>;
+    /// `x[..n] += y`.
+    fn add(&self, x: &mut Self::Buf, y: &Self::Buf, n: usize) -> Result<()>;
+
+    /// An empty cache for one layer that can grow to `capacity` tokens.
+    fn kv_layer(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<Self::KvLayer>;
+    /// Appends `n_tokens` rows of K and V (`[n_tokens, n_kv_heads, head_dim]`).
+    fn kv_append(&self, layer: &mut Self::KvLayer, k: &Self::Buf, v: &Self::Buf, n_tokens: usize) -> Result<()>;
+    /// Causal attention of `n_tokens` queries (`[n_tokens, n_heads, head_dim]`), the last
+    /// `n_tokens` entries of `layer` being their own keys. `out` has the shape of `q`. When `mass`
+    /// is given (`[n_kv_heads, layer length]`), the softmax weight each cached token received is
+    /// added into it, summed over queries and over the query heads that share each KV head.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        layer: &Self::KvLayer,
+        n_tokens: usize,
+        n_heads: usize,
+        head_dim: usize,
+        out: &mut Self::Buf,
+        mass: Option<&mut [f32]>,
+    ) -> Result<()>;
+    /// Bytes one layer's cache holds now.
+    fn kv_bytes(&self, layer: &Self::KvLayer) -> usize;
+    /// Tokens one layer's cache holds now.
+    fn kv_len(&self, layer: &Self::KvLayer) -> usize;
+    /// Drops the cached tokens from position `n_tokens` on.
+    fn kv_truncate(&self, layer: &mut Self::KvLayer, n_tokens: usize) -> Result<()>;
+}

@@ -1,1 +1,438 @@
-//! bench
+//! Measured runs: `bench`, `perplexity`, `info`, `selftest`, and the CSV rows they append.
+
+pub mod csvlog;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
+use crate::model::llama::{DeviceWeights, Logits, Session};
+use crate::model::Model;
+use crate::sample::{greedy, log_prob};
+
+/// The built-in workload's text: a chain-of-thought style passage (written for kvgear), repeated
+/// as needed to reach the requested prompt length.
+pub const WORKLOAD_TEXT: &str = include_str!("workload.txt");
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// KV-cache strategy. Built so far: fp16.
+    #[arg(long, default_value = "fp16")]
+    pub strategy: String,
+    /// Strategy parameters, key=value (none for fp16).
+    #[arg(long = "kv")]
+    pub kv: Vec<String>,
+    #[arg(long, short = 'm')]
+    pub model: Option<PathBuf>,
+    /// `cpu` (fast), `cpu-ref` or `auto`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Prompt tokens prefilled.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens generated (greedy) after the prompt.
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Prompt tokens per forward batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Repetitions; the median is reported.
+    #[arg(long, default_value_t = 1)]
+    pub reps: usize,
+    /// CSV the row is appended to.
+    #[arg(long, default_value = "results/bench.csv")]
+    pub csv: PathBuf,
+    /// Do not append to the CSV.
+    #[arg(long)]
+    pub no_csv: bool,
+    /// Print the row as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct BenchRow {
+    pub timestamp: String,
+    pub commit: String,
+    pub dirty: bool,
+    pub machine: String,
+    pub device: String,
+    pub threads: usize,
+    pub model: String,
+    pub model_sha256: String,
+    pub synthetic: bool,
+    pub strategy: String,
+    pub params: String,
+    pub seed: u64,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub reps: usize,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub ttft_ms: f64,
+    pub weight_bytes: usize,
+    pub kv_bytes: usize,
+    pub kv_bytes_fp16: usize,
+    pub compression: f64,
+    pub peak_rss_bytes: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Prompt tokens for the workload: the built-in text, repeated to `n` tokens.
+pub fn workload_tokens(model: &Model, n: usize) -> Result<Vec<u32>> {
+    let base = model.tokenizer.encode(WORKLOAD_TEXT, true)?;
+    if base.is_empty() {
+        bail!("the workload text tokenizes to nothing");
+    }
+    let body = model.tokenizer.encode(WORKLOAD_TEXT, false)?;
+    let mut t = base;
+    while t.len() < n {
+        t.extend_from_slice(&body);
+    }
+    t.truncate(n);
+    Ok(t)
+}
+
+pub fn run(a: &BenchArgs) -> Result<()> {
+    if a.strategy != "fp16" {
+        bail!("unknown strategy '{}': the strategies built so far are: fp16", a.strategy);
+    }
+    if !a.kv.is_empty() {
+        bail!("strategy fp16 takes no --kv parameters");
+    }
+    if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 {
+        bail!("--prompt-tokens, --gen-tokens and --reps must be positive");
+    }
+    if let Some(n) = a.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
+    }
+    let backend = match a.device.as_str() {
+        "auto" | "cpu" => Cpu::fast(),
+        "cpu-ref" => Cpu::reference(),
+        d => bail!("device '{d}' cannot run bench yet (cpu, cpu-ref)"),
+    };
+    let path = crate::fetch::resolve_model(a.model.as_deref())?;
+    let model = Model::load(&path)?;
+    let tokens = workload_tokens(&model, a.prompt_tokens)?;
+    let dw = DeviceWeights::new(&backend, &model.weights)?;
+    let n_ctx = a.prompt_tokens + a.gen_tokens;
+    let mut sess = Session::new(&backend, &model.config, &dw, n_ctx, a.batch)?;
+    let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
+    let mut kv_bytes = 0;
+    for _ in 0..a.reps {
+        sess.truncate(0)?;
+        let t0 = Instant::now();
+        let mut next = greedy(sess.forward(&tokens, Logits::Last)?);
+        let dt = t0.elapsed().as_secs_f64();
+        prefill.push(tokens.len() as f64 / dt);
+        ttft.push(dt * 1e3);
+        let t1 = Instant::now();
+        for _ in 1..a.gen_tokens {
+            next = greedy(sess.forward(&[next], Logits::Last)?);
+        }
+        let dt = t1.elapsed().as_secs_f64();
+        decode.push((a.gen_tokens - 1).max(1) as f64 / dt);
+        kv_bytes = sess.kv_bytes();
+    }
+    let fp16 = model.config.kv_bytes_per_token_fp16() * sess.n_past();
+    let (commit, dirty) = git_state();
+    let row = BenchRow {
+        timestamp: now_rfc3339(),
+        commit,
+        dirty,
+        machine: machine_description(),
+        device: backend.describe(),
+        threads: rayon::current_num_threads(),
+        model: model.name.clone(),
+        model_sha256: model_hash(&path)?,
+        synthetic: model.gguf.as_ref().and_then(|g| g.opt_bool("kvgear.synthetic").ok().flatten()).unwrap_or(false),
+        strategy: a.strategy.clone(),
+        params: String::new(),
+        seed: a.seed,
+        prompt_tokens: tokens.len(),
+        gen_tokens: a.gen_tokens,
+        reps: a.reps,
+        prefill_tok_s: median(prefill),
+        decode_tok_s: median(decode),
+        ttft_ms: median(ttft),
+        weight_bytes: model.weights.bytes(),
+        kv_bytes,
+        kv_bytes_fp16: fp16,
+        compression: fp16 as f64 / kv_bytes.max(1) as f64,
+        peak_rss_bytes: peak_rss_bytes(),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&row)?);
+    } else {
+        print_bench_table(&row);
+    }
+    if !a.no_csv {
+        csvlog::append(&a.csv, &row)?;
+        eprintln!("appended to {}", a.csv.display());
+    }
+    Ok(())
+}
+
+fn print_bench_table(r: &BenchRow) {
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    println!("model      {}{}", r.model, if r.synthetic { " (synthetic weights)" } else { "" });
+    println!("device     {} on {}", r.device, r.machine);
+    println!("strategy   {} {}", r.strategy, r.params);
+    println!("prefill    {:.1} tok/s ({} tokens), time to first token {:.1} ms", r.prefill_tok_s, r.prompt_tokens, r.ttft_ms);
+    println!("decode     {:.1} tok/s ({} tokens)", r.decode_tok_s, r.gen_tokens);
+    println!("weights    {:.1} MiB", mib(r.weight_bytes as f64));
+    println!(
+        "KV cache   {:.2} MiB (fp16 would hold {:.2} MiB: compression {:.2}x)",
+        mib(r.kv_bytes as f64),
+        mib(r.kv_bytes_fp16 as f64),
+        r.compression
+    );
+    println!("peak RSS   {:.1} MiB", mib(r.peak_rss_bytes as f64));
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct PerplexityResult {
+    pub ppl: f64,
+    pub ppl_stderr: f64,
+    pub n_chunks: usize,
+    pub ctx: usize,
+    pub n_scored: usize,
+    pub tokens_per_s: f64,
+}
+
+/// Perplexity with llama.cpp's protocol: tokenize the whole text, cut it into chunks of `ctx`
+/// tokens (a BOS first in each chunk when the model adds one), run each chunk from an empty
+/// cache, and score tokens `ctx/2 + 1 .. ctx` from the logits of the token before each.
+pub fn perplexity<B: Backend>(
+    model: &Model,
+    backend: &B,
+    text: &str,
+    ctx: usize,
+    batch: usize,
+    max_chunks: Option<usize>,
+) -> Result<PerplexityResult> {
+    if ctx < 4 {
+        bail!("--ctx must be at least 4 for perplexity");
+    }
+    let tokens = model.tokenizer.encode(text, false)?;
+    let mut n_chunks = tokens.len() / ctx;
+    if let Some(m) = max_chunks {
+        n_chunks = n_chunks.min(m);
+    }
+    if n_chunks == 0 {
+        bail!("the text has {} tokens, fewer than one chunk of {ctx}", tokens.len());
+    }
+    let dw = DeviceWeights::new(backend, &model.weights)?;
+    let mut sess = Session::new(backend, &model.config, &dw, ctx, batch)?;
+    let first = ctx / 2;
+    let n_vocab = model.config.n_vocab;
+    let (mut sum, mut sum2, mut count) = (0.0f64, 0.0f64, 0usize);
+    let t0 = Instant::now();
+    for c in 0..n_chunks {
+        let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
+        if model.tokenizer.add_bos() {
+            if let Some(bos) = model.tokenizer.bos() {
+                chunk[0] = bos;
+            }
+        }
+        sess.truncate(0)?;
+        let logits = sess.forward(&chunk, Logits::From(first))?;
+        for j in first..ctx - 1 {
+            let row = &logits[(j - first) * n_vocab..(j - first + 1) * n_vocab];
+            let nll = -log_prob(row, chunk[j + 1] as usize);
+            sum += nll;
+            sum2 += nll * nll;
+            count += 1;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let mean = sum / count as f64;
+    let var = (sum2 / count as f64 - mean * mean).max(0.0);
+    let stderr_nll = (var / (count as f64 - 1.0).max(1.0)).sqrt();
+    let ppl = mean.exp();
+    Ok(PerplexityResult {
+        ppl,
+        ppl_stderr: ppl * stderr_nll,
+        n_chunks,
+        ctx,
+        n_scored: count,
+        tokens_per_s: (n_chunks * ctx) as f64 / secs,
+    })
+}
+
+#[derive(Serialize)]
+struct InfoJson {
+    name: String,
+    path: String,
+    architecture: String,
+    n_params: u64,
+    n_layers: usize,
+    n_embd: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    n_ff: usize,
+    n_vocab: usize,
+    n_ctx_train: usize,
+    rope_base: f32,
+    tied_output: bool,
+    weight_bytes: usize,
+    weight_types: Vec<(String, usize, usize)>,
+    kv_bytes_per_token_fp16: usize,
+}
+
+pub fn print_info(model: &Model, json: bool) -> Result<()> {
+    let c = &model.config;
+    let w = &model.weights;
+    let info = InfoJson {
+        name: model.name.clone(),
+        path: model.path.display().to_string(),
+        architecture: c.arch.name().to_string(),
+        n_params: c.n_params(w.tied_output),
+        n_layers: c.n_layers,
+        n_embd: c.n_embd,
+        n_heads: c.n_heads,
+        n_kv_heads: c.n_kv_heads,
+        head_dim: c.head_dim,
+        n_ff: c.n_ff,
+        n_vocab: c.n_vocab,
+        n_ctx_train: c.n_ctx_train,
+        rope_base: c.rope_base,
+        tied_output: w.tied_output,
+        weight_bytes: w.bytes(),
+        weight_types: w.bytes_by_type().into_iter().map(|(k, (n, b))| (k.to_string(), n, b)).collect(),
+        kv_bytes_per_token_fp16: c.kv_bytes_per_token_fp16(),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&info)?);
+        return Ok(());
+    }
+    println!("model          {} ({})", info.name, info.path);
+    println!("architecture   {}", info.architecture);
+    println!("parameters     {} ({:.1} M)", info.n_params, info.n_params as f64 / 1e6);
+    println!(
+        "shape          {} layers, width {}, {} heads / {} KV heads of {}, ffn {}, vocab {}",
+        c.n_layers, c.n_embd, c.n_heads, c.n_kv_heads, c.head_dim, c.n_ff, c.n_vocab
+    );
+    println!("context        {} (trained), rope base {}", c.n_ctx_train, c.rope_base);
+    println!("output         {}", if w.tied_output { "tied to the token embedding" } else { "separate matrix" });
+    println!("weights        {} bytes ({:.1} MiB)", info.weight_bytes, info.weight_bytes as f64 / 1048576.0);
+    for (ty, n, b) in &info.weight_types {
+        println!("  {ty:<6} {n:>4} matrices {b:>12} bytes");
+    }
+    println!("KV per token   {} bytes (fp16 cache)", info.kv_bytes_per_token_fp16);
+    Ok(())
+}
+
+/// Peak resident set of this process (VmHWM), bytes; 0 where /proc is absent.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The commit checked out in the current directory and whether the tree has changes.
+pub fn git_state() -> (String, bool) {
+    let run = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match run(&["rev-parse", "HEAD"]) {
+        Some(c) => (c, run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty())),
+        None => ("unknown".to_string(), false),
+    }
+}
+
+/// CPU model and core count.
+pub fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{cpu}, {cores} cores")
+}
+
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let days = secs / 86400;
+    let rem = secs % 86400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem / 60) % 60, rem % 60)
+}
+
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// sha256 of a model file, cached in the cache directory by path, size and modification time.
+pub fn model_hash(path: &Path) -> Result<String> {
+    if path.is_dir() {
+        return Ok("directory".to_string());
+    }
+    let meta = std::fs::metadata(path)?;
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+    let key = format!("{}|{}|{}", std::fs::canonicalize(path)?.display(), meta.len(), mtime);
+    let cache = crate::fetch::cache_dir()?.join("hashes.tsv");
+    if let Ok(s) = std::fs::read_to_string(&cache) {
+        if let Some(h) = s.lines().find_map(|l| l.strip_prefix(&format!("{key}\t"))) {
+            return Ok(h.to_string());
+        }
+    }
+    let h = crate::fetch::sha256_file(path, true)?;
+    if let Some(dir) = cache.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&cache) {
+        let _ = writeln!(f, "{key}\t{h}");
+    }
+    Ok(h)
+}
+
+pub fn selftest(seed: u64, bench: bool, csv: Option<&Path>) -> Result<()> {
+    let _ = (seed, bench, csv);
+    bail!("selftest is wired once the CUDA runtime lands")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_civil() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_418), (2025, 11, 25));
+    }
+}

@@ -1,3 +1,205 @@
-//! CPU backends: `reference` (plain loops, the oracle) and `fast` (SIMD and threads).
+//! CPU backends: `reference` (plain loops, the oracle) and `fast` (SIMD and threads), behind one
+//! [`Cpu`] type that implements [`Backend`] with the kernels its [`CpuKind`] names.
 
+pub mod fast;
 pub mod reference;
+
+use anyhow::{bail, Result};
+use half::f16;
+
+use crate::backend::cpu::reference::RopeParams;
+use crate::backend::Backend;
+use crate::kv::Fp16Layer;
+use crate::model::weights::Tensor;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuKind {
+    Reference,
+    Fast,
+}
+
+pub struct Cpu {
+    pub kind: CpuKind,
+}
+
+impl Cpu {
+    pub fn reference() -> Cpu {
+        Cpu { kind: CpuKind::Reference }
+    }
+
+    pub fn fast() -> Cpu {
+        Cpu { kind: CpuKind::Fast }
+    }
+}
+
+fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        bail!("{what}: buffer of {have} values, the op needs {need}");
+    }
+    Ok(())
+}
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+    type Weight = Tensor;
+    type KvLayer = Fp16Layer;
+
+    fn describe(&self) -> String {
+        match self.kind {
+            CpuKind::Reference => "cpu-reference".to_string(),
+            CpuKind::Fast => format!("cpu-fast ({} threads, {})", rayon::current_num_threads(), fast::simd_level()),
+        }
+    }
+
+    fn alloc(&self, n: usize) -> Result<Vec<f32>> {
+        let mut v = Vec::new();
+        if v.try_reserve_exact(n).is_err() {
+            bail!("cannot allocate {n} f32 values");
+        }
+        v.resize(n, 0.0);
+        Ok(v)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
+    fn download(&self, buf: &Vec<f32>, out: &mut [f32]) -> Result<()> {
+        check_len("download", buf.len(), out.len())?;
+        out.copy_from_slice(&buf[..out.len()]);
+        Ok(())
+    }
+
+    fn weight(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+
+    fn embed(&self, table: &Tensor, tokens: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        let d = table.n_cols;
+        check_len("embed", out.len(), tokens.len() * d)?;
+        for (t, &id) in tokens.iter().enumerate() {
+            if id as usize >= table.n_rows {
+                bail!("token id {id} is outside the vocabulary of {}", table.n_rows);
+            }
+            table.dequantize_row(id as usize, &mut out[t * d..(t + 1) * d])?;
+        }
+        Ok(())
+    }
+
+    fn copy_rows(&self, src: &Vec<f32>, row0: usize, n_rows: usize, row_len: usize, dst: &mut Vec<f32>) -> Result<()> {
+        let n = n_rows * row_len;
+        check_len("copy_rows src", src.len(), (row0 + n_rows) * row_len)?;
+        check_len("copy_rows dst", dst.len(), n)?;
+        dst[..n].copy_from_slice(&src[row0 * row_len..row0 * row_len + n]);
+        Ok(())
+    }
+
+    fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, dim: usize, eps: f32, n_rows: usize, out: &mut Vec<f32>) -> Result<()> {
+        let n = n_rows * dim;
+        check_len("rmsnorm", x.len().min(out.len()), n)?;
+        match self.kind {
+            CpuKind::Reference => reference::rmsnorm(&x[..n], &w[..dim], eps, &mut out[..n]),
+            CpuKind::Fast => fast::rmsnorm(&x[..n], &w[..dim], eps, &mut out[..n]),
+        }
+        Ok(())
+    }
+
+    fn matmul(&self, w: &Tensor, x: &Vec<f32>, n_tokens: usize, out: &mut Vec<f32>) -> Result<()> {
+        check_len("matmul x", x.len(), n_tokens * w.n_cols)?;
+        check_len("matmul out", out.len(), n_tokens * w.n_rows)?;
+        match self.kind {
+            CpuKind::Reference => reference::matmul(w, &x[..n_tokens * w.n_cols], n_tokens, out),
+            CpuKind::Fast => fast::matmul(w, &x[..n_tokens * w.n_cols], n_tokens, out),
+        }
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, b: &Vec<f32>, width: usize, n_tokens: usize) -> Result<()> {
+        check_len("add_bias", x.len(), width * n_tokens)?;
+        for row in x[..width * n_tokens].chunks_exact_mut(width) {
+            reference::add(row, &b[..width]);
+        }
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, n_tokens: usize, pos0: usize, p: &RopeParams) -> Result<()> {
+        let n = n_tokens * p.n_heads * p.head_dim;
+        check_len("rope", x.len(), n)?;
+        match self.kind {
+            CpuKind::Reference => reference::rope(&mut x[..n], pos0, p),
+            CpuKind::Fast => fast::rope(&mut x[..n], pos0, p),
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, n: usize) -> Result<()> {
+        check_len("silu_mul", gate.len().min(up.len()), n)?;
+        reference::silu_mul(&mut gate[..n], &up[..n]);
+        Ok(())
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>, n: usize) -> Result<()> {
+        check_len("add", x.len().min(y.len()), n)?;
+        reference::add(&mut x[..n], &y[..n]);
+        Ok(())
+    }
+
+    fn kv_layer(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<Fp16Layer> {
+        Fp16Layer::new(n_kv_heads, head_dim, capacity)
+    }
+
+    fn kv_append(&self, layer: &mut Fp16Layer, k: &Vec<f32>, v: &Vec<f32>, n_tokens: usize) -> Result<()> {
+        let n = n_tokens * layer.n_kv_heads * layer.head_dim;
+        check_len("kv_append", k.len().min(v.len()), n)?;
+        layer.append(&k[..n], &v[..n], n_tokens)
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        layer: &Fp16Layer,
+        n_tokens: usize,
+        n_heads: usize,
+        head_dim: usize,
+        out: &mut Vec<f32>,
+        mass: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let n = n_tokens * n_heads * head_dim;
+        check_len("attention", q.len().min(out.len()), n)?;
+        if n_tokens > layer.n_tokens || head_dim != layer.head_dim || n_heads % layer.n_kv_heads != 0 {
+            bail!(
+                "attention: {n_tokens} queries x {n_heads} heads of {head_dim} against a cache of {} tokens x {} heads of {}",
+                layer.n_tokens,
+                layer.n_kv_heads,
+                layer.head_dim
+            );
+        }
+        if let Some(m) = &mass {
+            check_len("attention mass", m.len(), layer.n_kv_heads * layer.n_tokens)?;
+        }
+        match self.kind {
+            CpuKind::Reference => reference::attention(&q[..n], layer, n_tokens, n_heads, head_dim, &mut out[..n], mass),
+            CpuKind::Fast => fast::attention(&q[..n], layer, n_tokens, n_heads, head_dim, &mut out[..n], mass),
+        }
+        Ok(())
+    }
+
+    fn kv_bytes(&self, layer: &Fp16Layer) -> usize {
+        layer.bytes()
+    }
+
+    fn kv_len(&self, layer: &Fp16Layer) -> usize {
+        layer.n_tokens
+    }
+
+    fn kv_truncate(&self, layer: &mut Fp16Layer, n_tokens: usize) -> Result<()> {
+        layer.truncate(n_tokens);
+        Ok(())
+    }
+}
+
+/// f16 to f32 for a slice (used by the fast attention).
+pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}

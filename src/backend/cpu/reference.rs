@@ -97,3 +97,74 @@ pub fn argmax(x: &[f32]) -> Option<usize> {
     }
     best.map(|(i, _)| i)
 }
+
+/// `out[t, r] = sum_c w[r, c] * x[t, c]`: each weight row dequantized on its own (never the whole
+/// matrix), dot products accumulated in f64. `x` is `[n_tokens, w.n_cols]`.
+pub fn matmul(w: &crate::model::weights::Tensor, x: &[f32], n_tokens: usize, out: &mut [f32]) -> anyhow::Result<()> {
+    let (n_cols, n_rows) = (w.n_cols, w.n_rows);
+    let mut row = vec![0.0f32; n_cols];
+    for r in 0..n_rows {
+        w.dequantize_row(r, &mut row)?;
+        for t in 0..n_tokens {
+            let xt = &x[t * n_cols..(t + 1) * n_cols];
+            let dot: f64 = row.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+            out[t * n_rows + r] = dot as f32;
+        }
+    }
+    Ok(())
+}
+
+/// Causal attention over an fp16 cache, plain loops. `q` and `out` are `[n_tokens, n_heads,
+/// head_dim]`; query `t` sits at position `layer.n_tokens - n_tokens + t` and sees every cached
+/// token up to and including its own. Softmax in f64. `mass`, when given, is `[n_kv_heads,
+/// layer.n_tokens]` and receives each token's softmax weight summed over queries and the query
+/// heads of each KV head.
+pub fn attention(
+    q: &[f32],
+    layer: &crate::kv::Fp16Layer,
+    n_tokens: usize,
+    n_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+    mut mass: Option<&mut [f32]>,
+) {
+    let n_ctx = layer.n_tokens;
+    let group = n_heads / layer.n_kv_heads;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut scores = vec![0.0f64; n_ctx];
+    for t in 0..n_tokens {
+        let pos = n_ctx - n_tokens + t;
+        for h in 0..n_heads {
+            let g = h / group;
+            let qh = &q[(t * n_heads + h) * head_dim..][..head_dim];
+            let (kh, vh) = (&layer.k[g], &layer.v[g]);
+            let mut max = f64::NEG_INFINITY;
+            for j in 0..=pos {
+                let kj = &kh[j * head_dim..][..head_dim];
+                let s: f64 = qh.iter().zip(kj).map(|(&a, &b)| a as f64 * b.to_f64()).sum::<f64>() * scale;
+                scores[j] = s;
+                max = max.max(s);
+            }
+            let mut total = 0.0;
+            for s in &mut scores[..=pos] {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            let oh = &mut out[(t * n_heads + h) * head_dim..][..head_dim];
+            let mut acc = vec![0.0f64; head_dim];
+            for j in 0..=pos {
+                let p = scores[j] / total;
+                let vj = &vh[j * head_dim..][..head_dim];
+                for d in 0..head_dim {
+                    acc[d] += p * vj[d].to_f64();
+                }
+                if let Some(m) = mass.as_deref_mut() {
+                    m[g * n_ctx + j] += p as f32;
+                }
+            }
+            for d in 0..head_dim {
+                oh[d] = acc[d] as f32;
+            }
+        }
+    }
+}

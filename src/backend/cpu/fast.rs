@@ -1,0 +1,584 @@
+//! The fast CPU backend: quantized-activation integer dot products (AVX2 / AVX-512 VNNI, chosen
+//! at run time, with a portable fallback), row-parallel matmuls on rayon's pool (which lives for
+//! the whole run), weights read once per block of tokens during prefill, and head-parallel
+//! attention. Every path is checked against `reference` (tests/backend.rs).
+//!
+//! Matmul numerics follow llama.cpp's CPU path: for the 32-element block types (Q4_0, Q4_1,
+//! Q5_0, Q5_1, Q8_0) each 32-value block of the activation row is quantized to int8 with an f16
+//! scale (`d = amax / 127`, like `block_q8_0` / `block_q8_1`), and a weight block's dot product
+//! with it is `d_w * d_x * sum(q_w * q_x)` plus, for the types with a minimum, `m_w * d_x *
+//! sum(q_x)`. The k-quants and the float types are dequantized block by block and dotted in f32.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use anyhow::Result;
+use half::f16;
+use rayon::prelude::*;
+
+use crate::backend::cpu::reference::{self, RopeParams, RopeStyle};
+use crate::format::quant::{dequantize, GgmlType};
+use crate::kv::Fp16Layer;
+use crate::model::weights::Tensor;
+
+/// Which SIMD path the integer dot products take on this machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    Scalar,
+    Avx2,
+    Avx512Vnni,
+}
+
+/// 0 until detected; then 1 + the `Simd` discriminant.
+static SIMD: AtomicU8 = AtomicU8::new(0);
+
+fn encode(level: Simd) -> u8 {
+    match level {
+        Simd::Scalar => 1,
+        Simd::Avx2 => 2,
+        Simd::Avx512Vnni => 3,
+    }
+}
+
+/// Every SIMD level this machine can run, slowest first.
+pub fn supported_simd() -> Vec<Simd> {
+    let best = detected_simd();
+    [Simd::Scalar, Simd::Avx2, Simd::Avx512Vnni].into_iter().filter(|&l| encode(l) <= encode(best)).collect()
+}
+
+/// Selects the SIMD path (tests run every path the machine supports). Every path computes the
+/// same function, so switching while other threads compute is harmless.
+pub fn set_simd(level: Simd) -> Result<()> {
+    if !supported_simd().contains(&level) {
+        anyhow::bail!("this CPU cannot run the {level:?} path");
+    }
+    SIMD.store(encode(level), Ordering::Relaxed);
+    Ok(())
+}
+
+/// The best SIMD level this machine supports.
+pub fn detected_simd() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return Simd::Avx512Vnni;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            return Simd::Avx2;
+        }
+    }
+    Simd::Scalar
+}
+
+pub fn simd() -> Simd {
+    match SIMD.load(Ordering::Relaxed) {
+        1 => Simd::Scalar,
+        2 => Simd::Avx2,
+        3 => Simd::Avx512Vnni,
+        _ => {
+            let l = detected_simd();
+            SIMD.store(encode(l), Ordering::Relaxed);
+            l
+        }
+    }
+}
+
+pub fn simd_level() -> &'static str {
+    match simd() {
+        Simd::Scalar => "scalar",
+        Simd::Avx2 => "avx2",
+        Simd::Avx512Vnni => "avx512-vnni",
+    }
+}
+
+/// An activation row quantized in 32-value blocks: int8 codes, the f16-rounded scale of each
+/// block, and the integer sum of each block's codes.
+#[derive(Default)]
+struct Q8Row {
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    sum: Vec<i32>,
+}
+
+/// Quantizes `x` (a multiple of 32 long) to int8 blocks as llama.cpp's `quantize_row_q8_0`.
+fn quantize_q8(x: &[f32], out: &mut Q8Row) {
+    let nb = x.len() / 32;
+    out.qs.resize(x.len(), 0);
+    out.d.resize(nb, 0.0);
+    out.sum.resize(nb, 0);
+    for b in 0..nb {
+        let xb = &x[b * 32..(b + 1) * 32];
+        let amax = xb.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut s = 0i32;
+        for (q, &v) in out.qs[b * 32..(b + 1) * 32].iter_mut().zip(xb) {
+            let r = (v * id).round() as i32;
+            *q = r as i8;
+            s += r;
+        }
+        out.d[b] = f16::from_f32(d).to_f32();
+        out.sum[b] = s;
+    }
+}
+
+/// How a 32-element block type stores its codes.
+#[derive(Clone, Copy)]
+struct BlockKind {
+    /// Bytes per block.
+    bytes: usize,
+    /// Offset subtracted from the unsigned code (8 for Q4_0, 16 for Q5_0, 0 otherwise).
+    offset: i32,
+    /// Whether the block carries a minimum after its scale (Q4_1, Q5_1).
+    has_min: bool,
+    /// Whether the codes have a fifth bit in a 32-bit word (Q5_0, Q5_1).
+    five_bit: bool,
+    /// Plain signed 8-bit codes (Q8_0).
+    int8: bool,
+}
+
+fn block_kind(ty: GgmlType) -> Option<BlockKind> {
+    let k = |bytes, offset, has_min, five_bit, int8| Some(BlockKind { bytes, offset, has_min, five_bit, int8 });
+    match ty {
+        GgmlType::Q4_0 => k(18, 8, false, false, false),
+        GgmlType::Q4_1 => k(20, 0, true, false, false),
+        GgmlType::Q5_0 => k(22, 16, false, true, false),
+        GgmlType::Q5_1 => k(24, 0, true, true, false),
+        GgmlType::Q8_0 => k(34, 0, false, false, true),
+        _ => None,
+    }
+}
+
+#[inline]
+fn rd_f16(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// The unsigned codes of one 32-element block (0..15 or 0..31; for Q8_0 the signed codes as i8
+/// reinterpreted) and its scale and minimum.
+#[inline]
+fn unpack_block(k: BlockKind, blk: &[u8], codes: &mut [u8; 32]) -> (f32, f32) {
+    let d = rd_f16(blk, 0);
+    if k.int8 {
+        codes.copy_from_slice(&blk[2..34]);
+        return (d, 0.0);
+    }
+    let (m, qh_at) = if k.has_min { (rd_f16(blk, 2), 4) } else { (0.0, 2) };
+    let qs_at = if k.five_bit { qh_at + 4 } else { qh_at };
+    let qh = if k.five_bit { u32::from_le_bytes([blk[qh_at], blk[qh_at + 1], blk[qh_at + 2], blk[qh_at + 3]]) } else { 0 };
+    for j in 0..16 {
+        let b = blk[qs_at + j];
+        codes[j] = (b & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
+        codes[j + 16] = (b >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+    }
+    (d, m)
+}
+
+/// Dot products of one weight row (32-element blocks) with `xs.len()` quantized activation rows,
+/// portable code.
+fn dot_row_scalar(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+    let mut codes = [0u8; 32];
+    for o in out.iter_mut() {
+        *o = 0.0;
+    }
+    for (b, blk) in row.chunks_exact(k.bytes).enumerate() {
+        let (d, m) = unpack_block(k, blk, &mut codes);
+        for (x, o) in xs.iter().zip(out.iter_mut()) {
+            let xq = &x.qs[b * 32..(b + 1) * 32];
+            let isum: i32 = if k.int8 {
+                codes.iter().zip(xq).map(|(&c, &q)| (c as i8) as i32 * q as i32).sum()
+            } else {
+                codes.iter().zip(xq).map(|(&c, &q)| c as i32 * q as i32).sum()
+            };
+            let dx = x.d[b];
+            *o += d * dx * (isum - k.offset * x.sum[b]) as f32 + m * dx * x.sum[b] as f32;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{rd_f16, BlockKind, Q8Row};
+    use std::arch::x86_64::*;
+
+    /// 32 unsigned codes of a 4/5-bit block, in element order, in one register.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn codes_u8(k: BlockKind, blk: *const u8) -> __m256i {
+        let (qh_at, qs_at) = match (k.has_min, k.five_bit) {
+            (false, false) => (0, 2),
+            (true, false) => (0, 4),
+            (false, true) => (2, 6),
+            (true, true) => (4, 8),
+        };
+        let raw = _mm_loadu_si128(blk.add(qs_at) as *const __m128i);
+        let lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+        let mut v = _mm256_set_m128i(hi, lo);
+        if k.five_bit {
+            let qh = (blk.add(qh_at) as *const u32).read_unaligned();
+            // Spread bit j of qh to byte j: byte j takes byte j/8 of qh, then tests bit j%8.
+            let bcast = _mm256_set1_epi32(qh as i32);
+            let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+            let bytes = _mm256_shuffle_epi8(bcast, shuf);
+            let bits = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bits), bits);
+            v = _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+        }
+        v
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Integer dot of 32 unsigned weight codes with 32 int8 activations: 8 partial i32 sums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn idot_avx2(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl,avx512bw")]
+    unsafe fn idot_vnni(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
+    }
+
+    macro_rules! dot_rows {
+        ($name:ident, $feat:literal, $idot:ident) => {
+            /// Dot products of one weight row with up to 4 quantized activation rows.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $name(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+                let n = xs.len();
+                debug_assert!(n >= 1 && n <= 4 && out.len() >= n);
+                let nb = row.len() / k.bytes;
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut tail = [0.0f32; 4];
+                let p = row.as_ptr();
+                for b in 0..nb {
+                    let blk = p.add(b * k.bytes);
+                    let d = rd_f16(row, b * k.bytes);
+                    if k.int8 {
+                        let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                        let aw = _mm256_sign_epi8(w, w);
+                        for t in 0..n {
+                            let x = _mm256_loadu_si256(xs[t].qs.as_ptr().add(b * 32) as *const __m256i);
+                            let sx = _mm256_sign_epi8(x, w);
+                            let s = _mm256_cvtepi32_ps($idot(aw, sx));
+                            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xs[t].d[b]), s, acc[t]);
+                        }
+                    } else {
+                        let m = if k.has_min { rd_f16(row, b * k.bytes + 2) } else { 0.0 };
+                        let w = codes_u8(k, blk);
+                        for t in 0..n {
+                            let x = _mm256_loadu_si256(xs[t].qs.as_ptr().add(b * 32) as *const __m256i);
+                            let s = _mm256_cvtepi32_ps($idot(w, x));
+                            let dx = xs[t].d[b];
+                            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), s, acc[t]);
+                            let sum = xs[t].sum[b] as f32;
+                            tail[t] += dx * sum * (m - d * k.offset as f32);
+                        }
+                    }
+                }
+                for t in 0..n {
+                    out[t] = hsum(acc[t]) + tail[t];
+                }
+            }
+        };
+    }
+
+    dot_rows!(dot_rows_avx2, "avx2,fma", idot_avx2);
+    dot_rows!(dot_rows_vnni, "avx2,fma,avx512vnni,avx512vl,avx512bw", idot_vnni);
+
+    /// f32 dot product of two equal-length slices.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for j in 0..4 {
+                let x = _mm256_loadu_ps(a.as_ptr().add(i + 8 * j));
+                let y = _mm256_loadu_ps(b.as_ptr().add(i + 8 * j));
+                acc[j] = _mm256_fmadd_ps(x, y, acc[j]);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let x = _mm256_loadu_ps(a.as_ptr().add(i));
+            let y = _mm256_loadu_ps(b.as_ptr().add(i));
+            acc[0] = _mm256_fmadd_ps(x, y, acc[0]);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+        while i < n {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
+    }
+
+    /// f32 dot product of f16 values with f32 values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16_f32(a: &[half::f16], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        let pa = a.as_ptr() as *const u16;
+        while i + 16 <= n {
+            let x0 = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i) as *const __m128i));
+            let x1 = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i + 8) as *const __m128i));
+            acc0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(b.as_ptr().add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(b.as_ptr().add(i + 8)), acc1);
+            i += 16;
+        }
+        let mut s = hsum(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s += a[i].to_f32() * b[i];
+            i += 1;
+        }
+        s
+    }
+
+    /// `acc += p * v` for f16 `v`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_f16(acc: &mut [f32], p: f32, v: &[half::f16]) {
+        let n = acc.len().min(v.len());
+        let pv = _mm256_set1_ps(p);
+        let pa = v.as_ptr() as *const u16;
+        let mut i = 0;
+        while i + 8 <= n {
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i) as *const __m128i));
+            let y = _mm256_loadu_ps(acc.as_ptr().add(i));
+            _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_fmadd_ps(pv, x, y));
+            i += 8;
+        }
+        while i < n {
+            acc[i] += p * v[i].to_f32();
+            i += 1;
+        }
+    }
+}
+
+fn dot_rows(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512Vnni => unsafe { x86::dot_rows_vnni(k, row, xs, out) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { x86::dot_rows_avx2(k, row, xs, out) },
+        _ => dot_row_scalar(k, row, xs, out),
+    }
+}
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd() != Simd::Scalar {
+        return unsafe { x86::dot_f32(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn dot_f16_f32(a: &[f16], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd() != Simd::Scalar {
+        return unsafe { x86::dot_f16_f32(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x.to_f32() * y).sum()
+}
+
+fn axpy_f16(acc: &mut [f32], p: f32, v: &[f16]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() != Simd::Scalar {
+        unsafe { x86::axpy_f16(acc, p, v) };
+        return;
+    }
+    for (a, x) in acc.iter_mut().zip(v) {
+        *a += p * x.to_f32();
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+thread_local! {
+    static ROW_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Tokens processed together per weight row: the row's codes are unpacked once for all of them.
+const TOKEN_TILE: usize = 4;
+/// Rows per parallel task: large enough to amortise scheduling, small enough to balance 2..16 threads.
+const ROWS_PER_TASK: usize = 16;
+
+thread_local! {
+    static Q8_SCRATCH: RefCell<Vec<Q8Row>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out[t, r] = sum_c w[r, c] * x[t, c]` (see the module comment for the numerics).
+pub fn matmul(w: &Tensor, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Result<()> {
+    let (n_cols, n_rows) = (w.n_cols, w.n_rows);
+    let outp = OutPtr(out.as_mut_ptr());
+    let n_tasks = n_rows.div_ceil(ROWS_PER_TASK);
+    if let Some(k) = block_kind(w.ty) {
+        Q8_SCRATCH.with(|cell| {
+            let mut qrows = cell.borrow_mut();
+            if qrows.len() < n_tokens {
+                qrows.resize_with(n_tokens, Q8Row::default);
+            }
+            qrows[..n_tokens]
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(t, q)| quantize_q8(&x[t * n_cols..(t + 1) * n_cols], q));
+            let qrows = &qrows[..n_tokens];
+            (0..n_tasks).into_par_iter().for_each(|task| {
+                let outp = outp;
+                let r1 = ((task + 1) * ROWS_PER_TASK).min(n_rows);
+                let mut res = [0.0f32; TOKEN_TILE];
+                for r in task * ROWS_PER_TASK..r1 {
+                    let row = w.row(r);
+                    for t0 in (0..n_tokens).step_by(TOKEN_TILE) {
+                        let nt = (n_tokens - t0).min(TOKEN_TILE);
+                        let xs: [&Q8Row; TOKEN_TILE] = std::array::from_fn(|i| &qrows[t0 + i.min(nt - 1)]);
+                        dot_rows(k, row, &xs[..nt], &mut res[..nt]);
+                        for i in 0..nt {
+                            // SAFETY: each (token, row) pair is written by exactly one task.
+                            unsafe { *outp.0.add((t0 + i) * n_rows + r) = res[i] };
+                        }
+                    }
+                }
+            });
+        });
+        return Ok(());
+    }
+    let ty = w.ty;
+    let result: Result<()> = (0..n_tasks).into_par_iter().try_for_each(|task| {
+        let outp = outp;
+        let r1 = ((task + 1) * ROWS_PER_TASK).min(n_rows);
+        ROW_SCRATCH.with(|cell| -> Result<()> {
+            let mut buf = cell.borrow_mut();
+            buf.resize(n_cols, 0.0);
+            for r in task * ROWS_PER_TASK..r1 {
+                let row: &[f32] = if ty == GgmlType::F32 {
+                    bytemuck::try_cast_slice(w.row(r)).unwrap_or_else(|_| {
+                        for (d, c) in buf.iter_mut().zip(w.row(r).chunks_exact(4)) {
+                            *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                        }
+                        &buf[..]
+                    })
+                } else {
+                    dequantize(ty, w.row(r), &mut buf)?;
+                    &buf[..]
+                };
+                for t in 0..n_tokens {
+                    let v = dot_f32(row, &x[t * n_cols..(t + 1) * n_cols]);
+                    // SAFETY: each (token, row) pair is written by exactly one task.
+                    unsafe { *outp.0.add(t * n_rows + r) = v };
+                }
+            }
+            Ok(())
+        })
+    });
+    result
+}
+
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    reference::rmsnorm(x, w, eps, out)
+}
+
+/// RoPE with the angles of each position computed once and shared by every head.
+pub fn rope(x: &mut [f32], pos0: usize, p: &RopeParams) {
+    let row = p.n_heads * p.head_dim;
+    let half = p.n_rot / 2;
+    let mut cs = vec![(0.0f32, 0.0f32); half];
+    for (t, tok) in x.chunks_exact_mut(row).enumerate() {
+        let pos = (pos0 + t) as f64;
+        for (i, c) in cs.iter_mut().enumerate() {
+            let mut theta = pos * (p.freq_base as f64).powf(-2.0 * i as f64 / p.n_rot as f64);
+            if let Some(f) = p.freq_factors {
+                theta /= f[i] as f64;
+            }
+            let (s, co) = theta.sin_cos();
+            *c = (s as f32, co as f32);
+        }
+        for head in tok.chunks_exact_mut(p.head_dim) {
+            for (i, &(sin, cos)) in cs.iter().enumerate() {
+                let (a, b) = match p.style {
+                    RopeStyle::Norm => (2 * i, 2 * i + 1),
+                    RopeStyle::Neox => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos - x1 * sin;
+                head[b] = x0 * sin + x1 * cos;
+            }
+        }
+    }
+}
+
+/// Causal attention over the fp16 cache, parallel over (query, head) pairs. Same contract as
+/// `reference::attention`.
+pub fn attention(
+    q: &[f32],
+    layer: &Fp16Layer,
+    n_tokens: usize,
+    n_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+    mass: Option<&mut [f32]>,
+) {
+    let n_ctx = layer.n_tokens;
+    let group = n_heads / layer.n_kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let want_mass = mass.is_some();
+    let work = |(t, h): (usize, usize), oh: &mut [f32]| -> Vec<f32> {
+        let pos = n_ctx - n_tokens + t;
+        let g = h / group;
+        let qh = &q[(t * n_heads + h) * head_dim..][..head_dim];
+        let (kh, vh) = (&layer.k[g], &layer.v[g]);
+        let mut scores: Vec<f32> = (0..=pos).map(|j| dot_f16_f32(&kh[j * head_dim..][..head_dim], qh) * scale).collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            total += *s;
+        }
+        let inv = 1.0 / total;
+        oh.fill(0.0);
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s *= inv;
+            axpy_f16(oh, *s, &vh[j * head_dim..][..head_dim]);
+        }
+        if want_mass {
+            scores
+        } else {
+            Vec::new()
+        }
+    };
+    let per: Vec<Vec<f32>> = out
+        .par_chunks_mut(head_dim)
+        .enumerate()
+        .map(|(i, oh)| work((i / n_heads, i % n_heads), oh))
+        .collect();
+    if let Some(m) = mass {
+        for (i, s) in per.iter().enumerate() {
+            let g = (i % n_heads) / group;
+            for (j, &p) in s.iter().enumerate() {
+                m[g * n_ctx + j] += p;
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The `kvgear` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use kvgear::backend::cpu::Cpu;
+use kvgear::model::llama::{DeviceWeights, Logits, Session};
+use kvgear::model::Model;
+use kvgear::sample::{Sampler, SamplerConfig};
+
+#[derive(Parser)]
+#[command(name = "kvgear", version, about = "Llama-family inference in little memory: 4-bit weights, GEAR/H2O KV-cache compression")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// GGUF file or Hugging Face safetensors directory (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
+    #[arg(long, short = 'm')]
+    model: Option<PathBuf>,
+    /// Where to run: `cpu` (fast SIMD backend), `cpu-ref` (the plain reference backend) or `auto`.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// CPU threads (default: all cores).
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+    /// Context length the KV cache can hold (default: the model's, capped at 4096).
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Prompt tokens processed per forward batch.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long, short = 'p')]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+        n_predict: usize,
+        /// Wrap the prompt in the model's chat template as a user message.
+        #[arg(long)]
+        chat: bool,
+        /// System message for --chat.
+        #[arg(long)]
+        system: Option<String>,
+        /// Greedy decoding (the default unless --temp is given).
+        #[arg(long, conflicts_with = "temp")]
+        greedy: bool,
+        /// Sampling temperature.
+        #[arg(long)]
+        temp: Option<f32>,
+        #[arg(long, default_value_t = 40)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        /// Sampling seed (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print the generated token ids instead of text (one line).
+        #[arg(long)]
+        ids: bool,
+    },
+    /// Describe a model: architecture, parameters, quant types, weight bytes, KV bytes per token.
+    Info {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Perplexity of a text file with llama.cpp's protocol (chunks of --ctx tokens, second half scored).
+    Perplexity {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+        /// Score at most this many chunks.
+        #[arg(long)]
+        chunks: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download the default model into the cache directory.
+    Fetch,
+    /// Write a synthetic GGUF with a named config and seeded random weights.
+    Synth(kvgear::synth::SynthArgs),
+    /// Measure prefill and decode speed and memory; append a row to results/bench.csv.
+    Bench(kvgear::bench::BenchArgs),
+    /// Run every CUDA kernel against the CPU reference on random inputs.
+    Selftest {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Also time each kernel (GB/s).
+        #[arg(long)]
+        bench: bool,
+        /// Append the results to this CSV.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn setup_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
+    }
+    Ok(())
+}
+
+fn cpu_backend(device: &str) -> Result<Cpu> {
+    match device {
+        "auto" | "cpu" => Ok(Cpu::fast()),
+        "cpu-ref" => Ok(Cpu::reference()),
+        d if d.starts_with("cuda") => bail!(
+            "the CUDA backend runs only `kvgear selftest` so far; the full forward pass on CUDA is not built yet (use --device cpu)"
+        ),
+        d => bail!("unknown device '{d}' (auto, cpu, cpu-ref)"),
+    }
+}
+
+fn load(m: &ModelArgs) -> Result<(Model, Cpu)> {
+    setup_threads(m.threads)?;
+    let backend = cpu_backend(&m.device)?;
+    let path = kvgear::fetch::resolve_model(m.model.as_deref())?;
+    let model = Model::load(&path)?;
+    Ok((model, backend))
+}
+
+fn ctx_of(m: &ModelArgs, model: &Model) -> usize {
+    m.ctx.unwrap_or(model.config.n_ctx_train.min(4096))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Generate { m, prompt, n_predict, chat, system, greedy, temp, top_k, top_p, seed, ids } => {
+            let (model, backend) = load(&m)?;
+            let seed = seed.unwrap_or_else(kvgear::rng::Rng::seed_from_time);
+            let scfg = match (greedy, temp) {
+                (_, Some(t)) if t > 0.0 => SamplerConfig { temperature: t, top_k, top_p, seed },
+                _ => SamplerConfig::greedy(),
+            };
+            let mut sampler = Sampler::new(scfg.clone())?;
+            let text = if chat {
+                let mut msgs = Vec::new();
+                if let Some(s) = system {
+                    msgs.push(kvgear::model::chat::ChatMessage { role: "system".into(), content: s });
+                }
+                msgs.push(kvgear::model::chat::ChatMessage { role: "user".into(), content: prompt });
+                let tk = &model.tokenizer;
+                let piece = |id: Option<u32>| id.and_then(|i| tk.token_text(i)).unwrap_or("").to_string();
+                kvgear::model::chat::apply_chat_template(
+                    kvgear::model::chat::template_or_default(tk.chat_template()),
+                    &msgs,
+                    true,
+                    &piece(tk.bos()),
+                    &piece(tk.eos()),
+                )?
+            } else {
+                prompt
+            };
+            let tokens = model.tokenizer.encode(&text, true)?;
+            if tokens.is_empty() {
+                bail!("the prompt is empty after tokenization");
+            }
+            let n_ctx = ctx_of(&m, &model).max(tokens.len() + n_predict);
+            let dw = DeviceWeights::new(&backend, &model.weights)?;
+            let mut sess = Session::new(&backend, &model.config, &dw, n_ctx, m.batch)?;
+            let t0 = Instant::now();
+            let mut next = sampler.sample(sess.forward(&tokens, Logits::Last)?);
+            let t_prefill = t0.elapsed().as_secs_f64();
+            let mut out = std::io::stdout().lock();
+            let mut dec = model.tokenizer.stream_decoder();
+            let mut generated = Vec::new();
+            let t1 = Instant::now();
+            for i in 0..n_predict {
+                if model.tokenizer.is_eos(next) {
+                    break;
+                }
+                generated.push(next);
+                if !ids {
+                    let piece = dec.step(next)?;
+                    out.write_all(piece.as_bytes())?;
+                    out.flush()?;
+                }
+                if i + 1 == n_predict {
+                    break;
+                }
+                next = sampler.sample(sess.forward(&[next], Logits::Last)?);
+            }
+            if ids {
+                let s: Vec<String> = generated.iter().map(|t| t.to_string()).collect();
+                writeln!(out, "{}", s.join(" "))?;
+            } else {
+                out.write_all(dec.finish()?.as_bytes())?;
+                writeln!(out)?;
+            }
+            let t_decode = t1.elapsed().as_secs_f64();
+            eprintln!(
+                "[{} prompt tokens in {:.2}s ({:.1} tok/s); {} generated in {:.2}s ({:.1} tok/s); {}; seed {}]",
+                tokens.len(),
+                t_prefill,
+                tokens.len() as f64 / t_prefill,
+                generated.len(),
+                t_decode,
+                generated.len().saturating_sub(1) as f64 / t_decode.max(1e-9),
+                backend_describe(&backend),
+                scfg.seed
+            );
+            Ok(())
+        }
+        Cmd::Info { m, json } => {
+            let (model, _) = load(&m)?;
+            kvgear::bench::print_info(&model, json)
+        }
+        Cmd::Perplexity { m, file, chunks, json } => {
+            let (model, backend) = load(&m)?;
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let ctx = m.ctx.unwrap_or(512);
+            let r = kvgear::bench::perplexity(&model, &backend, &text, ctx, m.batch, chunks)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "perplexity: {:.4} +/- {:.4} over {} chunks of {} tokens ({} scored), {:.1} tok/s",
+                    r.ppl, r.ppl_stderr, r.n_chunks, r.ctx, r.n_scored, r.tokens_per_s
+                );
+            }
+            Ok(())
+        }
+        Cmd::Fetch => {
+            let p = kvgear::fetch::fetch_default_model()?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Cmd::Synth(a) => kvgear::synth::run(&a),
+        Cmd::Bench(a) => kvgear::bench::run(&a),
+        Cmd::Selftest { seed, bench, csv } => kvgear::bench::selftest(seed, bench, csv.as_deref()),
+    }
+}
+
+fn backend_describe(b: &Cpu) -> String {
+    use kvgear::backend::Backend;
+    b.describe()
+}

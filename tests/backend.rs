@@ -1,0 +1,181 @@
+//! The fast CPU backend against the reference backend: every op, every quant type, every SIMD
+//! path this machine has, on random inputs; and a tiny synthetic model's logits on both.
+
+mod common;
+
+use kvgear::backend::cpu::fast::{self, set_simd, supported_simd};
+use kvgear::backend::cpu::reference::{self, RopeParams, RopeStyle};
+use kvgear::backend::cpu::Cpu;
+use kvgear::format::quant::{quantize, GgmlType};
+use kvgear::kv::Fp16Layer;
+use kvgear::model::llama::{DeviceWeights, Logits, Session};
+use kvgear::model::weights::Tensor;
+use kvgear::model::Model;
+use kvgear::rng::Rng;
+
+/// The fast matmul quantizes each 32-value block of activations to int8 (as llama.cpp does) for
+/// the 32-element block types: a relative error of about 1/254 per value, averaging down over a
+/// dot product. 2% of the output's RMS bounds the worst element comfortably.
+const QUANT_ACT_TOL: f32 = 0.02;
+/// f32 and dequantized-block paths differ from the reference only by f32 vs f64 accumulation.
+const FLOAT_TOL: f32 = 1e-4;
+/// Attention in f32 (fast) against f64 (reference) over fp16 keys and values.
+const ATTN_TOL: f32 = 1e-4;
+
+fn seed() -> u64 {
+    let s = Rng::seed_from_time();
+    eprintln!("seed {s}");
+    s
+}
+
+/// Max |a - b| relative to the RMS of `b`.
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let rms = (b.iter().map(|x| x * x).sum::<f32>() / b.len() as f32).sqrt().max(1e-12);
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max) / rms
+}
+
+fn random_tensor(rng: &mut Rng, ty: GgmlType, n_cols: usize, n_rows: usize) -> Tensor {
+    let vals: Vec<f32> = (0..n_cols * n_rows).map(|_| rng.normal()).collect();
+    let rb = ty.row_bytes(n_cols).unwrap();
+    let mut bytes = vec![0u8; rb * n_rows];
+    for (dst, src) in bytes.chunks_mut(rb).zip(vals.chunks(n_cols)) {
+        quantize(ty, src, dst).unwrap();
+    }
+    Tensor::from_bytes("w", ty, n_cols, n_rows, bytes).unwrap()
+}
+
+#[test]
+fn matmul_matches_reference_for_every_type_and_simd_path() {
+    let s = seed();
+    let mut rng = Rng::new(s);
+    for level in supported_simd() {
+        set_simd(level).unwrap();
+        for ty in GgmlType::ALL {
+            let n_cols = if ty.block_elems() == 256 { 512 } else { 96 };
+            for (n_rows, n_tokens) in [(1, 1), (17, 1), (33, 3), (40, 4), (19, 5), (64, 9)] {
+                let w = random_tensor(&mut rng, ty, n_cols, n_rows);
+                let x: Vec<f32> = (0..n_cols * n_tokens).map(|_| rng.normal()).collect();
+                let mut want = vec![f32::NAN; n_rows * n_tokens];
+                let mut got = vec![f32::NAN; n_rows * n_tokens];
+                reference::matmul(&w, &x, n_tokens, &mut want).unwrap();
+                fast::matmul(&w, &x, n_tokens, &mut got).unwrap();
+                assert!(got.iter().all(|v| v.is_finite()), "{ty} {level:?}: unwritten output");
+                let tol = if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0) {
+                    QUANT_ACT_TOL
+                } else {
+                    FLOAT_TOL
+                };
+                let e = rel_err(&got, &want);
+                assert!(e < tol, "{ty} {level:?} rows {n_rows} tokens {n_tokens}: rel err {e} (seed {s})");
+            }
+        }
+    }
+    set_simd(fast::detected_simd()).unwrap();
+}
+
+#[test]
+fn attention_matches_reference_with_gqa_and_mass() {
+    let s = seed();
+    let mut rng = Rng::new(s);
+    for (n_heads, n_kv, head_dim, n_cached, n_tokens) in [(4, 4, 16, 1, 1), (9, 3, 64, 37, 1), (8, 2, 32, 20, 7), (4, 1, 128, 65, 65)] {
+        let mut layer = Fp16Layer::new(n_kv, head_dim, n_cached + n_tokens).unwrap();
+        let kv_row = n_kv * head_dim;
+        let total = n_cached + n_tokens;
+        let k = rng.vec_uniform(total * kv_row, -1.0, 1.0);
+        let v = rng.vec_uniform(total * kv_row, -1.0, 1.0);
+        layer.append(&k, &v, total).unwrap();
+        let q = rng.vec_uniform(n_tokens * n_heads * head_dim, -2.0, 2.0);
+        let mut want = vec![f32::NAN; q.len()];
+        let mut got = vec![f32::NAN; q.len()];
+        let mut mass_want = vec![0.0f32; n_kv * total];
+        let mut mass_got = vec![0.0f32; n_kv * total];
+        reference::attention(&q, &layer, n_tokens, n_heads, head_dim, &mut want, Some(&mut mass_want));
+        fast::attention(&q, &layer, n_tokens, n_heads, head_dim, &mut got, Some(&mut mass_got));
+        assert!(rel_err(&got, &want) < ATTN_TOL, "attention rel err {} (seed {s})", rel_err(&got, &want));
+        assert!(rel_err(&mass_got, &mass_want) < ATTN_TOL, "mass (seed {s})");
+        // Each query's softmax row sums to one: total mass per KV head = queries * heads per group.
+        for g in 0..n_kv {
+            let total_mass: f32 = mass_got[g * total..(g + 1) * total].iter().sum();
+            let expect = (n_tokens * n_heads / n_kv) as f32;
+            assert!((total_mass - expect).abs() < 1e-3 * expect, "head {g}: mass {total_mass} vs {expect}");
+        }
+    }
+}
+
+#[test]
+fn rope_and_rmsnorm_match_reference() {
+    let s = seed();
+    let mut rng = Rng::new(s);
+    let factors: Vec<f32> = (0..32).map(|i| 1.0 + i as f32 * 0.25).collect();
+    for style in [RopeStyle::Norm, RopeStyle::Neox] {
+        for ff in [None, Some(&factors[..])] {
+            let p = RopeParams { n_heads: 3, head_dim: 64, n_rot: 64, freq_base: 10000.0, style, freq_factors: ff };
+            let x = rng.vec_uniform(5 * 3 * 64, -1.0, 1.0);
+            let (mut a, mut b) = (x.clone(), x.clone());
+            reference::rope(&mut a, 1000, &p);
+            fast::rope(&mut b, 1000, &p);
+            assert!(rel_err(&b, &a) < 1e-5, "rope {style:?} (seed {s})");
+            // Rotation preserves each pair's norm.
+            let n0: f32 = x.iter().map(|v| v * v).sum();
+            let n1: f32 = b.iter().map(|v| v * v).sum();
+            assert!((n0 - n1).abs() < 1e-3 * n0);
+        }
+    }
+    let x = rng.vec_uniform(3 * 576, -3.0, 3.0);
+    let w = rng.vec_uniform(576, 0.5, 1.5);
+    let (mut a, mut b) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+    reference::rmsnorm(&x, &w, 1e-5, &mut a);
+    fast::rmsnorm(&x, &w, 1e-5, &mut b);
+    assert_eq!(a, b);
+}
+
+/// Relative RMS difference of two logit vectors allowed between the backends on a tiny random
+/// model: activation quantization (see QUANT_ACT_TOL) compounds over 2 layers.
+const MODEL_LOGIT_TOL: f32 = 0.05;
+
+#[test]
+fn tiny_synthetic_model_gives_the_same_logits_on_both_backends() {
+    for ty in [GgmlType::F32, GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4K] {
+        let cfg = kvgear::model::config::Config::named("tiny").unwrap();
+        let path = common::temp_path(&format!("tiny-{ty}.gguf"));
+        kvgear::synth::write(&cfg, "tiny", ty, ty, false, 7, &path).unwrap();
+        let m = Model::load(&path).unwrap();
+        let toks: Vec<u32> = (0..23).map(|i| (i * 37 % 500) as u32).collect();
+        let run = |b: &Cpu| {
+            let dw = DeviceWeights::new(b, &m.weights).unwrap();
+            let mut s = Session::new(b, &m.config, &dw, 64, 8).unwrap();
+            let mut all = s.forward(&toks, Logits::From(0)).unwrap().to_vec();
+            all.extend_from_slice(s.forward(&[5], Logits::Last).unwrap());
+            all
+        };
+        let (r, f) = (run(&Cpu::reference()), run(&Cpu::fast()));
+        assert_eq!(r.len(), 24 * cfg.n_vocab);
+        let rms = |v: &[f32]| (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+        let diff: Vec<f32> = r.iter().zip(&f).map(|(a, b)| a - b).collect();
+        let e = rms(&diff) / rms(&r);
+        let tol = if ty == GgmlType::F32 || ty == GgmlType::Q4K { FLOAT_TOL * 10.0 } else { MODEL_LOGIT_TOL };
+        assert!(e < tol, "{ty}: relative logit difference {e}");
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+#[test]
+fn batched_prefill_equals_token_by_token() {
+    let cfg = kvgear::model::config::Config::named("tiny").unwrap();
+    let path = common::temp_path("tiny-batch.gguf");
+    kvgear::synth::write(&cfg, "tiny", GgmlType::F32, GgmlType::F32, false, 3, &path).unwrap();
+    let m = Model::load(&path).unwrap();
+    let b = Cpu::reference();
+    let dw = DeviceWeights::new(&b, &m.weights).unwrap();
+    let toks: Vec<u32> = (0..11).map(|i| (i * 13 % 500) as u32).collect();
+    let mut s = Session::new(&b, &m.config, &dw, 32, 4).unwrap();
+    let batched = s.forward(&toks, Logits::Last).unwrap().to_vec();
+    let mut s2 = Session::new(&b, &m.config, &dw, 32, 1).unwrap();
+    let mut last = Vec::new();
+    for &t in &toks {
+        last = s2.forward(&[t], Logits::Last).unwrap().to_vec();
+    }
+    assert!(rel_err(&batched, &last) < 1e-5);
+    let _ = std::fs::remove_file(&path);
+}

@@ -1,0 +1,78 @@
+//! The default model against llama.cpp: tokenization, greedy continuations, perplexity.
+
+mod common;
+
+use kvgear::backend::cpu::Cpu;
+use kvgear::backend::Backend;
+use kvgear::model::llama::{DeviceWeights, Logits, Session};
+use kvgear::model::Model;
+use kvgear::sample::greedy;
+
+/// llama.cpp's perplexity of `gsm8k_train_250.txt` at c = 512 (shared/reference/README.md).
+const LLAMA_CPP_PPL: f64 = 4.4076;
+/// The bound: within 1% of llama.cpp's figure.
+const PPL_REL_TOL: f64 = 0.01;
+
+fn greedy_ids<B: Backend>(model: &Model, b: &B, prompt: &str, n: usize) -> Vec<u32> {
+    let toks = model.tokenizer.encode(prompt, true).unwrap();
+    let dw = DeviceWeights::new(b, &model.weights).unwrap();
+    let mut s = Session::new(b, &model.config, &dw, toks.len() + n, 64).unwrap();
+    let mut next = greedy(s.forward(&toks, Logits::Last).unwrap());
+    let mut out = vec![next];
+    while out.len() < n {
+        next = greedy(s.forward(&[next], Logits::Last).unwrap());
+        out.push(next);
+    }
+    out
+}
+
+#[test]
+fn tokenizes_like_llama_cpp() {
+    let Some(p) = common::default_model() else { return };
+    let m = Model::load(&p).unwrap();
+    assert_eq!(m.tokenizer.encode("The capital of France is", true).unwrap(), vec![504, 3575, 282, 4649, 314]);
+}
+
+#[test]
+fn greedy_text_matches_llama_cpp() {
+    let Some(p) = common::default_model() else { return };
+    let Some(refp) = common::shared("reference/greedy.json") else { return };
+    let m = Model::load(&p).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(refp).unwrap()).unwrap();
+    let cpu = Cpu::fast();
+    for case in r["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let n = case["n_predict"].as_u64().unwrap() as usize;
+        let want = case["continuation"].as_str().unwrap();
+        let ids = greedy_ids(&m, &cpu, prompt, n);
+        let got = m.tokenizer.decode(&ids).unwrap();
+        assert_eq!(got, want, "prompt {prompt:?}");
+    }
+}
+
+#[test]
+fn reference_backend_agrees_on_greedy_text() {
+    let Some(p) = common::default_model() else { return };
+    let Some(refp) = common::shared("reference/greedy.json") else { return };
+    let m = Model::load(&p).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(refp).unwrap()).unwrap();
+    let case = &r["cases"][0];
+    let prompt = case["prompt"].as_str().unwrap();
+    let want = case["continuation"].as_str().unwrap();
+    let n = 16;
+    let ids = greedy_ids(&m, &Cpu::reference(), prompt, n);
+    let got = m.tokenizer.decode(&ids).unwrap();
+    assert!(want.starts_with(&got), "reference backend: {got:?} is not a prefix of {want:?}");
+}
+
+#[test]
+fn perplexity_matches_llama_cpp() {
+    let Some(p) = common::default_model() else { return };
+    let Some(text) = common::shared("reference/gsm8k_train_250.txt") else { return };
+    let m = Model::load(&p).unwrap();
+    let text = std::fs::read_to_string(text).unwrap();
+    let r = kvgear::bench::perplexity(&m, &Cpu::fast(), &text, 512, 512, None).unwrap();
+    assert_eq!(r.n_chunks, 96, "llama.cpp scored 96 chunks");
+    let rel = (r.ppl - LLAMA_CPP_PPL).abs() / LLAMA_CPP_PPL;
+    assert!(rel < PPL_REL_TOL, "perplexity {:.4} vs llama.cpp {LLAMA_CPP_PPL} ({:.2}% off)", r.ppl, rel * 100.0);
+}
