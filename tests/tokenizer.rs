@@ -450,6 +450,20 @@ fn stream_waits_for_whole_characters() {
     let mut decoder = tok.stream_decoder();
     assert_eq!(decoder.step(ids[0]).unwrap(), "");
     assert_eq!(decoder.finish().unwrap(), "\u{FFFD}");
+    // Bytes that never form a character are let out after a while, still adding up to decode.
+    let stray = vec![3 + 0x80; 40];
+    let mut decoder = tok.stream_decoder();
+    let mut streamed = String::new();
+    let mut n_nonempty = 0;
+    for &id in &stray {
+        let piece = decoder.step(id).unwrap();
+        n_nonempty += usize::from(!piece.is_empty());
+        streamed.push_str(&piece);
+    }
+    streamed.push_str(&decoder.finish().unwrap());
+    assert!(n_nonempty >= 2);
+    assert_eq!(streamed, tok.decode(&stray).unwrap());
+    assert_eq!(streamed, "\u{FFFD}".repeat(40));
 }
 
 // The Hugging Face layout.

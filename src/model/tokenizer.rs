@@ -699,6 +699,10 @@ pub struct StreamDecoder<'a> {
 /// four byte tokens.
 const STREAM_CONTEXT_TOKENS: usize = 4;
 
+/// Tokens held back at most: a run of bytes that never forms a character (U+FFFD) is let out
+/// after this many rather than decoded again at every step.
+const STREAM_MAX_PENDING_TOKENS: usize = 16;
+
 impl<'a> StreamDecoder<'a> {
     pub fn new(tokenizer: &'a Tokenizer) -> StreamDecoder<'a> {
         StreamDecoder {
@@ -727,7 +731,9 @@ impl<'a> StreamDecoder<'a> {
         self.tokenizer.check_id(id)?;
         self.ids.push(id);
         let text = self.tokenizer.decode(&self.ids)?;
-        if text.len() <= self.prefix.len() || text.ends_with(char::REPLACEMENT_CHARACTER) {
+        let incomplete =
+            text.len() <= self.prefix.len() || text.ends_with(char::REPLACEMENT_CHARACTER);
+        if incomplete && self.ids.len() - self.n_done < STREAM_MAX_PENDING_TOKENS {
             return Ok(String::new());
         }
         let new = text[common_prefix_len(&text, &self.prefix)..].to_owned();
@@ -1236,13 +1242,13 @@ impl SyntheticBpe {
 
 /// GGUF tokenizer metadata for a byte-level BPE of exactly `n_vocab` tokens, for synthetic models
 /// (`kvgear synth`): three control tokens (`<|endoftext|>`, `<|im_start|>` = BOS,
-/// `<|im_end|>` = EOS), the 256 byte tokens in GPT-2's byte-to-unicode form, then one token per
-/// merge. Merges come from a fixed rule: common English words (bare and with a leading space)
-/// become single tokens, then every token of letters is extended by one letter, breadth first
-/// with letters by frequency, until the vocabulary is full. Every merge joins two tokens into a
-/// token of the vocabulary (a few words add a second merge for a token that exists), every token
-/// text is distinct, and `pre` is `gpt-2`, so llama.cpp loads it.
-/// The chat template is ChatML.
+/// `<|im_end|>` = EOS), the 256 byte tokens in GPT-2's byte-to-unicode form (ids 3 to 258, in
+/// byte order), then one token per merge. Merges come from a fixed rule: common English words
+/// (bare and with a leading space) become single tokens, then every token of letters is extended
+/// by one letter, breadth first with letters by frequency, until the vocabulary is full. Every
+/// merge joins two tokens into a token of the vocabulary (a few words add a second merge for a
+/// token that exists), every token text is distinct, and `pre` is `gpt-2`, so llama.cpp loads it.
+/// The chat template is ChatML. Fewer than 259 or more than 2^20 tokens is an error.
 pub fn synthetic_gpt2_metadata(n_vocab: usize) -> Result<Vec<(String, Value)>> {
     let n_fixed = SYNTHETIC_CONTROL.len() + 256;
     if n_vocab < n_fixed {
