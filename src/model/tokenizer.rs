@@ -1146,11 +1146,6 @@ fn char_to_byte(c: char) -> Option<u8> {
         .and_then(|&b| u8::try_from(b).ok())
 }
 
-/// A string's bytes in GPT-2's byte-level form (`" the"` is `"Ġthe"`).
-pub fn byte_level_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|&b| BYTE_TO_CHAR[b as usize]).collect()
-}
-
 /// Control tokens of the synthetic vocabulary, ids 0, 1, 2 (as in SmolLM2: BOS is
 /// `<|im_start|>`, EOS `<|im_end|>`).
 const SYNTHETIC_CONTROL: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
