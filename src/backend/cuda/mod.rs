@@ -1,1 +1,238 @@
 //! CUDA runtime: loads the embedded fatbin and launches kernels.
+//!
+//! build.rs compiles every `cuda/*.cu` into one fatbin (SASS for sm_80, sm_86, sm_89, sm_90 and
+//! compute_80 PTX) that this module embeds. A binary built without nvcc embeds nothing:
+//! [`kernels_embedded`] says which, and [`CudaRuntime::new`] then fails with
+//! [`Unavailable::NoKernels`].
+//!
+//! The driver library is loaded at run time (cudarc's `dynamic-loading`), so the same binary
+//! starts on machines without one; [`CudaRuntime::new`] checks for it before any driver call.
+//!
+//! Kernels are launched on the context's default stream. Launch wrappers (in `layers`) validate
+//! shapes, return errors that name the kernel, and do not synchronise: an error raised while a
+//! kernel runs surfaces at the next synchronising call ([`CudaRuntime::synchronize`] or a
+//! download).
+
+pub mod ffi;
+mod layers;
+pub mod selftest;
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    DriverError,
+};
+use cudarc::nvrtc::Ptx;
+
+pub use layers::RopeShape;
+
+/// The fatbin build.rs produced; empty when nvcc was not found at build time.
+static KERNELS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
+
+/// ptxas' per-kernel report (registers, shared memory, stack, spills) from the build.
+pub const RESOURCE_USAGE: &str = include_str!(concat!(env!("OUT_DIR"), "/resource-usage.txt"));
+
+/// Whether the CUDA kernels were compiled into this binary.
+pub fn kernels_embedded() -> bool {
+    !KERNELS.is_empty()
+}
+
+/// The embedded fatbin (empty when built without nvcc).
+pub fn fatbin() -> &'static [u8] {
+    KERNELS
+}
+
+/// The release line of the nvcc that compiled the kernels, if any.
+pub fn nvcc_version() -> Option<&'static str> {
+    Some(env!("KVGEAR_NVCC_VERSION")).filter(|v| !v.is_empty())
+}
+
+/// Why no CUDA runtime could be created.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("no CUDA driver found (libcuda could not be loaded)")]
+    NoDriver,
+    #[error(
+        "no CUDA device: the driver reports {count} device(s), ordinal {ordinal} was asked for"
+    )]
+    NoDevice { count: usize, ordinal: usize },
+    #[error(
+        "built without CUDA kernels: nvcc was not found when kvgear was built \
+         (set NVCC or CUDA_HOME and rebuild, or build with --features cuda to require it)"
+    )]
+    NoKernels,
+}
+
+/// What the driver says about the device and itself.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    /// (major, minor), e.g. (9, 0) for H100.
+    pub compute_capability: (i32, i32),
+    pub multiprocessors: i32,
+    /// The CUDA version the driver supports, e.g. "13.0".
+    pub driver_version: String,
+    pub total_bytes: usize,
+    pub free_bytes: usize,
+}
+
+/// The layer kernels of `cuda/layers.cu`, looked up once when the runtime starts.
+struct LayerKernels {
+    rmsnorm: CudaFunction,
+    rmsnorm_naive: CudaFunction,
+    rope: CudaFunction,
+    silu_mul: CudaFunction,
+    add: CudaFunction,
+    argmax: CudaFunction,
+}
+
+/// One CUDA device with the embedded kernels loaded.
+pub struct CudaRuntime {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    layers: LayerKernels,
+}
+
+impl CudaRuntime {
+    /// Opens device `ordinal` and loads the embedded kernels. Fails with [`Unavailable`] when
+    /// there is no driver, no such device, or no kernels in this binary.
+    pub fn new(ordinal: usize) -> Result<CudaRuntime> {
+        // SAFETY: only tries to dlopen libcuda; cudarc panics on driver calls without it.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Unavailable::NoDriver.into());
+        }
+        let count = match CudaContext::device_count() {
+            Ok(n) => usize::try_from(n).unwrap_or(0),
+            Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
+            Err(e) => return Err(anyhow!("initialising the CUDA driver: {e}")),
+        };
+        if ordinal >= count {
+            return Err(Unavailable::NoDevice { count, ordinal }.into());
+        }
+        if !kernels_embedded() {
+            return Err(Unavailable::NoKernels.into());
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| anyhow!("creating a context on CUDA device {ordinal}: {e}"))?;
+        let stream = ctx.default_stream();
+        let module = ctx.load_module(Ptx::from_binary(KERNELS.to_vec())).map_err(|e| {
+            let (major, minor) = ctx.compute_capability().unwrap_or((0, 0));
+            anyhow!(
+                "loading the embedded kernels (SASS sm_80/86/89/90, PTX compute_80, built by {}) on a \
+                 compute capability {major}.{minor} device: {e}",
+                nvcc_version().unwrap_or("an unknown nvcc")
+            )
+        })?;
+        let load = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| anyhow!("kernel {name} is not in the embedded fatbin: {e}"))
+        };
+        let layers = LayerKernels {
+            rmsnorm: load("kv_rmsnorm_f32")?,
+            rmsnorm_naive: load("kv_rmsnorm_naive_f32")?,
+            rope: load("kv_rope_f32")?,
+            silu_mul: load("kv_silu_mul_f32")?,
+            add: load("kv_add_f32")?,
+            argmax: load("kv_argmax_f32")?,
+        };
+        Ok(CudaRuntime {
+            ctx,
+            stream,
+            _module: module,
+            layers,
+        })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every wrapper launches on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn device_name(&self) -> Result<String> {
+        self.ctx
+            .name()
+            .map_err(|e| anyhow!("querying the device name: {e}"))
+    }
+
+    /// The CUDA version the driver supports, as "major.minor" (e.g. "13.0").
+    pub fn driver_version(&self) -> Result<String> {
+        let mut v: std::ffi::c_int = 0;
+        // SAFETY: writes one int; the driver library is loaded (checked in `new`).
+        unsafe { sys::cuDriverGetVersion(&mut v) }
+            .result()
+            .map_err(|e| anyhow!("querying the driver version: {e}"))?;
+        Ok(format!("{}.{}", v / 1000, (v % 1000) / 10))
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| anyhow!("querying device memory: {e}"))
+    }
+
+    pub fn info(&self) -> Result<DeviceInfo> {
+        let (free_bytes, total_bytes) = self.memory()?;
+        Ok(DeviceInfo {
+            ordinal: self.ctx.ordinal(),
+            name: self.device_name()?,
+            compute_capability: self
+                .ctx
+                .compute_capability()
+                .map_err(|e| anyhow!("querying compute capability: {e}"))?,
+            multiprocessors: self
+                .ctx
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(|e| anyhow!("querying the multiprocessor count: {e}"))?,
+            driver_version: self.driver_version()?,
+            total_bytes,
+            free_bytes,
+        })
+    }
+
+    /// Waits for all launched work; reports any error a kernel raised while running.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| anyhow!("CUDA stream synchronize (a kernel failed while running?): {e}"))
+    }
+
+    /// Copies `data` into a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(data).map_err(|e| {
+            anyhow!(
+                "copying {} bytes to the device: {e}",
+                std::mem::size_of_val(data)
+            )
+        })
+    }
+
+    /// Copies a device buffer (or view) back; waits for the work that writes it.
+    pub fn download<T: DeviceRepr, S: DevicePtr<T>>(&self, src: &S) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(src)
+            .map_err(|e| anyhow!("copying {} bytes from the device: {e}", src.num_bytes()))
+    }
+
+    /// A device buffer of `len` zeroed elements.
+    pub fn zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros(len).with_context(|| {
+            format!(
+                "allocating {} bytes on the device",
+                len * std::mem::size_of::<T>()
+            )
+        })
+    }
+}

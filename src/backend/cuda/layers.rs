@@ -1,0 +1,423 @@
+//! Launch wrappers for the kernels of `cuda/layers.cu`; each matches a function of
+//! `backend::cpu::reference` (see that file's header comment for shapes and semantics).
+//!
+//! Buffers may be [`CudaSlice`](cudarc::driver::CudaSlice)s or views of them and may be longer
+//! than the shape needs (only the leading elements are touched). Shapes are explicit arguments;
+//! an empty shape is a no-op.
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+
+use super::ffi::{
+    KvArgmaxParams, KvElementwiseParams, KvRmsnormParams, KvRopeParams, KV_ELEMENTWISE_THREADS,
+    KV_ELEMENTWISE_VEC, KV_ROPE_NEOX, KV_ROPE_NORM, KV_ROW_MAX_THREADS,
+};
+use super::CudaRuntime;
+use crate::backend::cpu::reference::{RopeParams, RopeStyle};
+
+/// Shared memory a block may use without opting in, on every supported architecture.
+const MAX_STATIC_SHARED_BYTES: usize = 48 * 1024;
+
+/// The scalar part of a rotary embedding; the optional frequency factors are a device buffer
+/// passed to [`CudaRuntime::rope`] separately.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeShape {
+    pub n_heads: usize,
+    pub head_dim: usize,
+    /// Leading dimensions of each head that rotate; even, at most `head_dim`.
+    pub n_rot: usize,
+    pub freq_base: f32,
+    pub style: RopeStyle,
+}
+
+impl RopeShape {
+    /// The shape of a CPU [`RopeParams`] (its `freq_factors` must be uploaded separately).
+    pub fn of(p: &RopeParams) -> RopeShape {
+        RopeShape {
+            n_heads: p.n_heads,
+            head_dim: p.head_dim,
+            n_rot: p.n_rot,
+            freq_base: p.freq_base,
+            style: p.style,
+        }
+    }
+}
+
+fn to_u32(kernel: &str, what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v)
+        .map_err(|_| anyhow!("{kernel}: {what} = {v} does not fit the kernel's 32-bit counts"))
+}
+
+fn elements(kernel: &str, dims: &[(&str, usize)]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &(_, d)| acc.checked_mul(d))
+        .ok_or_else(|| {
+            let shape: Vec<String> = dims.iter().map(|(n, d)| format!("{n} = {d}")).collect();
+            anyhow!("{kernel}: shape {} overflows", shape.join(", "))
+        })
+}
+
+fn check_len(kernel: &str, buffer: &str, len: usize, needed: usize) -> Result<()> {
+    if len < needed {
+        bail!("{kernel}: buffer `{buffer}` holds {len} elements, the shape needs {needed}");
+    }
+    Ok(())
+}
+
+/// Block size of the row kernels: one thread per work unit of a row, rounded up to whole warps,
+/// at most KV_ROW_MAX_THREADS (threads then stride over the row).
+fn row_threads(units: usize) -> u32 {
+    let max = KV_ROW_MAX_THREADS as usize;
+    (units.div_ceil(32) * 32).clamp(32, max) as u32
+}
+
+fn launch_error(kernel: &str, cfg: &LaunchConfig, e: cudarc::driver::DriverError) -> anyhow::Error {
+    anyhow!(
+        "launching {kernel} (grid {:?}, block {:?}, {} bytes shared): {e}",
+        cfg.grid_dim,
+        cfg.block_dim,
+        cfg.shared_mem_bytes
+    )
+}
+
+impl CudaRuntime {
+    /// RMSNorm over rows (`reference::rmsnorm`): `x`, `out` are `[n_rows, dim]`, `w` is `[dim]`.
+    pub fn rmsnorm<X, W, O>(
+        &self,
+        x: &X,
+        w: &W,
+        eps: f32,
+        out: &mut O,
+        n_rows: usize,
+        dim: usize,
+    ) -> Result<()>
+    where
+        X: DevicePtr<f32>,
+        W: DevicePtr<f32>,
+        O: DevicePtrMut<f32>,
+    {
+        self.rmsnorm_with(
+            &self.layers.rmsnorm,
+            "kv_rmsnorm_f32",
+            x,
+            w,
+            eps,
+            out,
+            n_rows,
+            dim,
+        )
+    }
+
+    /// The benchmark baseline of [`CudaRuntime::rmsnorm`]: same result, scalar loads only.
+    pub fn rmsnorm_naive<X, W, O>(
+        &self,
+        x: &X,
+        w: &W,
+        eps: f32,
+        out: &mut O,
+        n_rows: usize,
+        dim: usize,
+    ) -> Result<()>
+    where
+        X: DevicePtr<f32>,
+        W: DevicePtr<f32>,
+        O: DevicePtrMut<f32>,
+    {
+        self.rmsnorm_with(
+            &self.layers.rmsnorm_naive,
+            "kv_rmsnorm_naive_f32",
+            x,
+            w,
+            eps,
+            out,
+            n_rows,
+            dim,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_with<X, W, O>(
+        &self,
+        func: &CudaFunction,
+        k: &str,
+        x: &X,
+        w: &W,
+        eps: f32,
+        out: &mut O,
+        n_rows: usize,
+        dim: usize,
+    ) -> Result<()>
+    where
+        X: DevicePtr<f32>,
+        W: DevicePtr<f32>,
+        O: DevicePtrMut<f32>,
+    {
+        if dim == 0 {
+            bail!("{k}: dim must be at least 1");
+        }
+        let n = elements(k, &[("n_rows", n_rows), ("dim", dim)])?;
+        check_len(k, "x", x.len(), n)?;
+        check_len(k, "w", w.len(), dim)?;
+        check_len(k, "out", out.len(), n)?;
+        if n_rows == 0 {
+            return Ok(());
+        }
+        let p = KvRmsnormParams {
+            n_rows: to_u32(k, "n_rows", n_rows)?,
+            dim: to_u32(k, "dim", dim)?,
+            eps,
+        };
+        let units = if dim % 4 == 0 { dim / 4 } else { dim };
+        let cfg = LaunchConfig {
+            grid_dim: (p.n_rows, 1, 1),
+            block_dim: (row_threads(units), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = &*self.stream;
+        let (xp, _xg) = x.device_ptr(stream);
+        let (wp, _wg) = w.device_ptr(stream);
+        let (op, _og) = out.device_ptr_mut(stream);
+        let mut launch = stream.launch_builder(func);
+        launch.arg(&xp).arg(&wp).arg(&op).arg(&p);
+        // SAFETY: argument types and order match the kernel; lengths were checked above.
+        unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))?;
+        Ok(())
+    }
+
+    /// RoPE in place (`reference::rope`): `x` is `[n_tokens, n_heads, head_dim]`, token `t` at
+    /// position `pos0 + t`; `freq_factors`, when given, is `[n_rot / 2]`.
+    pub fn rope<X>(
+        &self,
+        x: &mut X,
+        n_tokens: usize,
+        pos0: usize,
+        shape: &RopeShape,
+        freq_factors: Option<&CudaSlice<f32>>,
+    ) -> Result<()>
+    where
+        X: DevicePtrMut<f32>,
+    {
+        let k = "kv_rope_f32";
+        let s = shape;
+        if s.n_heads == 0 || s.head_dim == 0 {
+            bail!(
+                "{k}: n_heads ({}) and head_dim ({}) must be at least 1",
+                s.n_heads,
+                s.head_dim
+            );
+        }
+        if s.n_rot == 0 || s.n_rot % 2 != 0 || s.n_rot > s.head_dim {
+            bail!(
+                "{k}: n_rot = {} must be even, at least 2 and at most head_dim = {}",
+                s.n_rot,
+                s.head_dim
+            );
+        }
+        let shared_bytes = s.n_rot * std::mem::size_of::<f32>();
+        if shared_bytes > MAX_STATIC_SHARED_BYTES {
+            bail!("{k}: n_rot = {} needs {shared_bytes} bytes of shared memory, over {MAX_STATIC_SHARED_BYTES}", s.n_rot);
+        }
+        if !(s.freq_base.is_finite() && s.freq_base > 0.0) {
+            bail!(
+                "{k}: freq_base = {} must be finite and positive",
+                s.freq_base
+            );
+        }
+        let row = elements(k, &[("n_heads", s.n_heads), ("head_dim", s.head_dim)])?;
+        to_u32(k, "n_heads * head_dim", row)?;
+        let n = elements(k, &[("n_tokens", n_tokens), ("n_heads * head_dim", row)])?;
+        check_len(k, "x", x.len(), n)?;
+        if let Some(f) = freq_factors {
+            check_len(k, "freq_factors", f.len(), s.n_rot / 2)?;
+        }
+        let last_pos = pos0.checked_add(n_tokens.saturating_sub(1));
+        if last_pos.is_none_or(|p| p > u32::MAX as usize) {
+            bail!("{k}: positions {pos0}..{pos0}+{n_tokens} exceed the kernel's 32-bit positions");
+        }
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let p = KvRopeParams {
+            n_tokens: to_u32(k, "n_tokens", n_tokens)?,
+            n_heads: to_u32(k, "n_heads", s.n_heads)?,
+            head_dim: to_u32(k, "head_dim", s.head_dim)?,
+            n_rot: to_u32(k, "n_rot", s.n_rot)?,
+            pos0: to_u32(k, "pos0", pos0)?,
+            style: match s.style {
+                RopeStyle::Norm => KV_ROPE_NORM,
+                RopeStyle::Neox => KV_ROPE_NEOX,
+            },
+            has_freq_factors: u32::from(freq_factors.is_some()),
+            freq_base: s.freq_base,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (p.n_tokens, 1, 1),
+            block_dim: (row_threads(s.n_heads * (s.n_rot / 2)), 1, 1),
+            shared_mem_bytes: shared_bytes as u32,
+        };
+        let stream = &*self.stream;
+        let (xp, _xg) = x.device_ptr_mut(stream);
+        let factors = freq_factors.map(|f| f.device_ptr(stream));
+        let fp: u64 = factors.as_ref().map_or(0, |(ptr, _)| *ptr);
+        let mut launch = stream.launch_builder(&self.layers.rope);
+        launch.arg(&xp).arg(&fp).arg(&p);
+        // SAFETY: argument types and order match the kernel; lengths were checked above; the
+        // kernel reads freq_factors only when has_freq_factors is set.
+        unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))?;
+        Ok(())
+    }
+
+    /// SwiGLU's gate in place (`reference::silu_mul`): `gate = silu(gate) * up`, both `[n]`.
+    pub fn silu_mul<G, U>(&self, gate: &mut G, up: &U, n: usize) -> Result<()>
+    where
+        G: DevicePtrMut<f32>,
+        U: DevicePtr<f32>,
+    {
+        let k = "kv_silu_mul_f32";
+        check_len(k, "gate", gate.len(), n)?;
+        check_len(k, "up", up.len(), n)?;
+        let p = KvElementwiseParams {
+            n: to_u32(k, "n", n)?,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let stream = &*self.stream;
+        let cfg = elementwise_config(n);
+        let (gp, _gg) = gate.device_ptr_mut(stream);
+        let (up_ptr, _ug) = up.device_ptr(stream);
+        let mut launch = stream.launch_builder(&self.layers.silu_mul);
+        launch.arg(&gp).arg(&up_ptr).arg(&p);
+        // SAFETY: argument types and order match the kernel; lengths were checked above.
+        unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))?;
+        Ok(())
+    }
+
+    /// Residual add in place (`reference::add`): `x += y`, both `[n]`.
+    pub fn add<X, Y>(&self, x: &mut X, y: &Y, n: usize) -> Result<()>
+    where
+        X: DevicePtrMut<f32>,
+        Y: DevicePtr<f32>,
+    {
+        let k = "kv_add_f32";
+        check_len(k, "x", x.len(), n)?;
+        check_len(k, "y", y.len(), n)?;
+        let p = KvElementwiseParams {
+            n: to_u32(k, "n", n)?,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let stream = &*self.stream;
+        let cfg = elementwise_config(n);
+        let (xp, _xg) = x.device_ptr_mut(stream);
+        let (yp, _yg) = y.device_ptr(stream);
+        let mut launch = stream.launch_builder(&self.layers.add);
+        launch.arg(&xp).arg(&yp).arg(&p);
+        // SAFETY: argument types and order match the kernel; lengths were checked above.
+        unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))?;
+        Ok(())
+    }
+
+    /// Index of the largest value of each row, the first on ties (`reference::argmax` per row):
+    /// `x` is `[n_rows, n_cols]`, `out` is `[n_rows]`.
+    pub fn argmax<X, O>(&self, x: &X, out: &mut O, n_rows: usize, n_cols: usize) -> Result<()>
+    where
+        X: DevicePtr<f32>,
+        O: DevicePtrMut<u32>,
+    {
+        let k = "kv_argmax_f32";
+        if n_cols == 0 {
+            bail!("{k}: rows must hold at least one value");
+        }
+        let n = elements(k, &[("n_rows", n_rows), ("n_cols", n_cols)])?;
+        check_len(k, "x", x.len(), n)?;
+        check_len(k, "out", out.len(), n_rows)?;
+        if n_rows == 0 {
+            return Ok(());
+        }
+        let p = KvArgmaxParams {
+            n_rows: to_u32(k, "n_rows", n_rows)?,
+            n_cols: to_u32(k, "n_cols", n_cols)?,
+        };
+        let units = if n_cols % 4 == 0 { n_cols / 4 } else { n_cols };
+        let cfg = LaunchConfig {
+            grid_dim: (p.n_rows, 1, 1),
+            block_dim: (row_threads(units), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = &*self.stream;
+        let (xp, _xg) = x.device_ptr(stream);
+        let (op, _og) = out.device_ptr_mut(stream);
+        let mut launch = stream.launch_builder(&self.layers.argmax);
+        launch.arg(&xp).arg(&op).arg(&p);
+        // SAFETY: argument types and order match the kernel; lengths were checked above.
+        unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))?;
+        Ok(())
+    }
+}
+
+/// One thread per KV_ELEMENTWISE_VEC elements, KV_ELEMENTWISE_THREADS per block.
+fn elementwise_config(n: usize) -> LaunchConfig {
+    let per_block = (KV_ELEMENTWISE_THREADS * KV_ELEMENTWISE_VEC) as usize;
+    LaunchConfig {
+        grid_dim: (n.div_ceil(per_block) as u32, 1, 1),
+        block_dim: (KV_ELEMENTWISE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_threads_are_whole_warps_within_bounds() {
+        assert_eq!(row_threads(1), 32);
+        assert_eq!(row_threads(33), 64);
+        assert_eq!(row_threads(1024), 1024);
+        assert_eq!(row_threads(100_000), KV_ROW_MAX_THREADS);
+    }
+
+    #[test]
+    fn elementwise_grid_covers_every_element() {
+        for n in [1usize, 4, 1023, 1024, 1025, 11008, 45_088_768] {
+            let cfg = elementwise_config(n);
+            let covered =
+                cfg.grid_dim.0 as usize * cfg.block_dim.0 as usize * KV_ELEMENTWISE_VEC as usize;
+            assert!(
+                covered >= n
+                    && covered - n < (KV_ELEMENTWISE_THREADS * KV_ELEMENTWISE_VEC) as usize
+            );
+        }
+    }
+
+    #[test]
+    fn ptxas_report_covers_every_kernel_without_spills() {
+        if !super::super::kernels_embedded() {
+            return;
+        }
+        let report = super::super::RESOURCE_USAGE;
+        for k in [
+            "kv_rmsnorm_f32",
+            "kv_rmsnorm_naive_f32",
+            "kv_rope_f32",
+            "kv_silu_mul_f32",
+            "kv_add_f32",
+            "kv_argmax_f32",
+        ] {
+            assert!(report.contains(k), "{k} missing from the ptxas report");
+        }
+        for line in report.lines().filter(|l| l.contains("spill")) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            for w in words
+                .windows(3)
+                .filter(|w| w[1] == "bytes" && w[2].starts_with("spill"))
+            {
+                assert_eq!(w[0], "0", "register spill: {line}");
+            }
+        }
+    }
+}
