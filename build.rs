@@ -49,7 +49,10 @@ fn run() -> Result<(), String> {
 
     generate_bindings(&ffi_dir, &out_dir)?;
 
-    let require = env::var_os("CARGO_FEATURE_CUDA").is_some();
+    // The `cuda` feature, or KVGEAR_REQUIRE_NVCC=1 (CI sets it), makes a missing nvcc an error.
+    println!("cargo:rerun-if-env-changed=KVGEAR_REQUIRE_NVCC");
+    let require = env::var_os("CARGO_FEATURE_CUDA").is_some()
+        || env::var("KVGEAR_REQUIRE_NVCC").is_ok_and(|v| !v.is_empty() && v != "0");
     let fatbin = out_dir.join("kernels.fatbin");
     match find_nvcc()? {
         Some(nvcc) => {

@@ -100,21 +100,25 @@ enum Cmd {
     Bench(kvgear::bench::BenchArgs),
     /// Run every CUDA kernel against the CPU reference on random inputs.
     Selftest {
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Also time each kernel (GB/s).
+        /// Seed of the random inputs (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Time each kernel (GB/s) instead of checking it.
         #[arg(long)]
         bench: bool,
         /// Append the results to this CSV.
         #[arg(long)]
         csv: Option<PathBuf>,
+        /// Timed launches per kernel with --bench.
+        #[arg(long, default_value_t = 50)]
+        iters: usize,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -155,8 +159,8 @@ fn ctx_of(m: &ModelArgs, model: &Model) -> usize {
     m.ctx.unwrap_or(model.config.n_ctx_train.min(4096))
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.cmd {
+fn run(cli: Cli) -> Result<ExitCode> {
+    let done: Result<()> = match cli.cmd {
         Cmd::Generate { m, prompt, n_predict, chat, system, greedy, temp, top_k, top_p, seed, ids } => {
             let (model, backend) = load(&m)?;
             let seed = seed.unwrap_or_else(kvgear::rng::Rng::seed_from_time);
@@ -194,7 +198,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut next = sampler.sample(sess.forward(&tokens, Logits::Last)?);
             let t_prefill = t0.elapsed().as_secs_f64();
             let mut out = std::io::stdout().lock();
-            let mut dec = model.tokenizer.stream_decoder();
+            let mut dec = kvgear::model::tokenizer::StreamDecoder::with_context(&model.tokenizer, &tokens)?;
             let mut generated = Vec::new();
             let t1 = Instant::now();
             for i in 0..n_predict {
@@ -259,8 +263,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Synth(a) => kvgear::synth::run(&a),
         Cmd::Bench(a) => kvgear::bench::run(&a),
-        Cmd::Selftest { seed, bench, csv } => kvgear::bench::selftest(seed, bench, csv.as_deref()),
-    }
+        Cmd::Selftest { seed, bench, csv, iters } => {
+            let opts = kvgear::backend::cuda::selftest::Options { seed, bench, csv, iters };
+            return kvgear::backend::cuda::selftest::command(&opts);
+        }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 fn backend_describe(b: &Cpu) -> String {

@@ -14,9 +14,10 @@ use kvgear::model::Model;
 use kvgear::rng::Rng;
 
 /// The fast matmul quantizes each 32-value block of activations to int8 (as llama.cpp does) for
-/// the 32-element block types: a relative error of about 1/254 per value, averaging down over a
-/// dot product. 2% of the output's RMS bounds the worst element comfortably.
-const QUANT_ACT_TOL: f32 = 0.02;
+/// the 32-element block types: each value moves by up to amax/254, about 0.006 of the RMS of a
+/// normal block as a standard deviation, and the dot-product error relative to the output's RMS
+/// has that standard deviation too. The worst of a few hundred outputs stays under 7 of those.
+const QUANT_ACT_TOL: f32 = 0.04;
 /// f32 and dequantized-block paths differ from the reference only by f32 vs f64 accumulation.
 const FLOAT_TOL: f32 = 1e-4;
 /// Attention in f32 (fast) against f64 (reference) over fp16 keys and values.
