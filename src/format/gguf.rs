@@ -297,7 +297,10 @@ impl Storage {
     /// Memory-maps a file read-only.
     pub fn map(path: &Path) -> Result<Storage> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let len = file.metadata().with_context(|| format!("reading the size of {}", path.display()))?.len();
+        let len = file
+            .metadata()
+            .with_context(|| format!("reading the size of {}", path.display()))?
+            .len();
         if len == 0 {
             return Ok(Storage::Owned(Vec::new()));
         }
@@ -322,25 +325,40 @@ impl GgufFile {
     /// Memory-maps and parses a GGUF file; errors name the file.
     pub fn open(path: &Path) -> Result<GgufFile> {
         let storage = Storage::map(path)?;
-        GgufFile::parse(Arc::new(storage)).with_context(|| format!("reading GGUF file {}", path.display()))
+        GgufFile::parse(Arc::new(storage))
+            .with_context(|| format!("reading GGUF file {}", path.display()))
     }
 
     /// Parses a whole GGUF file held in `storage`.
     pub fn parse(storage: Arc<Storage>) -> Result<GgufFile> {
         let (version, alignment, metadata, tensors) = parse_bytes(&storage)?;
-        Ok(GgufFile { version, alignment, metadata, tensors, storage })
+        Ok(GgufFile {
+            version,
+            alignment,
+            metadata,
+            tensors,
+            storage,
+        })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
-    fn typed<'a, T>(&'a self, key: &str, expected: &str, f: impl Fn(&'a Value) -> Option<T>) -> Result<Option<T>> {
+    fn typed<'a, T>(
+        &'a self,
+        key: &str,
+        expected: &str,
+        f: impl Fn(&'a Value) -> Option<T>,
+    ) -> Result<Option<T>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => match f(v) {
                 Some(t) => Ok(Some(t)),
-                None => bail!("metadata key {key} is {}, expected {expected}", v.describe()),
+                None => bail!(
+                    "metadata key {key} is {}, expected {expected}",
+                    v.describe()
+                ),
             },
         }
     }
@@ -349,7 +367,8 @@ impl GgufFile {
         value?.ok_or_else(|| anyhow!("metadata key {key} is missing"))
     }
 
-    /// An integer of any type whose value fits a `u32`; missing is `Ok(None)`, another type an error.
+    /// An integer of any type whose value fits a `u32`.
+    /// A missing key is `Ok(None)`; a value of another type is an error.
     pub fn opt_u32(&self, key: &str) -> Result<Option<u32>> {
         self.typed(key, "an integer that fits u32", Value::as_u32)
     }
@@ -395,13 +414,23 @@ impl GgufFile {
         self.required(key, self.opt_str(key))
     }
 
-    fn get_array<'a, T>(&'a self, key: &str, expected: &str, f: impl Fn(&'a Value) -> Option<T>) -> Result<Vec<T>> {
+    fn get_array<'a, T>(
+        &'a self,
+        key: &str,
+        expected: &str,
+        f: impl Fn(&'a Value) -> Option<T>,
+    ) -> Result<Vec<T>> {
         let array = self.required(key, self.typed(key, "an array", Value::as_array))?;
         array
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                f(v).ok_or_else(|| anyhow!("metadata key {key}: element {i} is {}, expected {expected}", v.describe()))
+                f(v).ok_or_else(|| {
+                    anyhow!(
+                        "metadata key {key}: element {i} is {}, expected {expected}",
+                        v.describe()
+                    )
+                })
             })
             .collect()
     }
@@ -427,7 +456,8 @@ impl GgufFile {
 
     /// The tensor, or an error naming it.
     pub fn require_tensor(&self, name: &str) -> Result<&TensorInfo> {
-        self.tensor(name).ok_or_else(|| anyhow!("tensor {name} is missing"))
+        self.tensor(name)
+            .ok_or_else(|| anyhow!("tensor {name} is missing"))
     }
 
     /// The bytes of a tensor of this file.
@@ -468,7 +498,11 @@ impl<'a> Reader<'a> {
             .checked_add(n)
             .and_then(|end| self.buf.get(self.pos..end))
             .ok_or_else(|| {
-                anyhow!("file truncated at byte {}: {what} needs {n} bytes, {} left", self.pos, self.remaining())
+                anyhow!(
+                    "file truncated at byte {}: {what} needs {n} bytes, {} left",
+                    self.pos,
+                    self.remaining()
+                )
             })?;
         self.pos += n;
         Ok(bytes)
@@ -503,7 +537,8 @@ impl<'a> Reader<'a> {
         let len = self.count(1, &format!("{what} length"))?;
         let at = self.pos;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|e| anyhow!("{what} at byte {at} is not UTF-8: {e}"))
+        String::from_utf8(bytes.to_vec())
+            .map_err(|e| anyhow!("{what} at byte {at} is not UTF-8: {e}"))
     }
 
     fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
@@ -529,21 +564,31 @@ impl<'a> Reader<'a> {
             TYPE_STRING => Value::String(self.string("string value")?),
             TYPE_ARRAY => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    bail!("arrays nested deeper than {MAX_ARRAY_DEPTH} levels at byte {}", self.pos);
+                    bail!(
+                        "arrays nested deeper than {MAX_ARRAY_DEPTH} levels at byte {}",
+                        self.pos
+                    );
                 }
                 let at = self.pos;
                 let elem_ty = self.u32("array element type")?;
-                let min = min_value_bytes(elem_ty)
-                    .ok_or_else(|| anyhow!("array at byte {at} has unknown element type {elem_ty}"))?;
+                let min = min_value_bytes(elem_ty).ok_or_else(|| {
+                    anyhow!("array at byte {at} has unknown element type {elem_ty}")
+                })?;
                 let n = self.count(min, &format!("array of {} count", type_name(elem_ty)))?;
                 // Grows as elements parse; the count alone never decides an allocation's size.
                 let mut items = Vec::with_capacity(n.min(4096));
                 for i in 0..n {
-                    items.push(self.value(elem_ty, depth + 1).with_context(|| format!("array element {i}"))?);
+                    items.push(
+                        self.value(elem_ty, depth + 1)
+                            .with_context(|| format!("array element {i}"))?,
+                    );
                 }
                 Value::Array(items)
             }
-            other => bail!("unknown value type {other} at byte {}", self.pos.saturating_sub(4)),
+            other => bail!(
+                "unknown value type {other} at byte {}",
+                self.pos.saturating_sub(4)
+            ),
         })
     }
 }
@@ -565,7 +610,10 @@ fn parse_bytes(buf: &[u8]) -> Result<Parsed> {
         2 | 3 => {}
         1 => bail!("GGUF version 1 is not supported (only versions 2 and 3)"),
         v if matches!(v.swap_bytes(), 2 | 3) => {
-            bail!("big-endian GGUF (version {}) is not supported", v.swap_bytes())
+            bail!(
+                "big-endian GGUF (version {}) is not supported",
+                v.swap_bytes()
+            )
         }
         v => bail!("unsupported GGUF version {v} (only versions 2 and 3)"),
     }
@@ -582,9 +630,15 @@ fn parse_bytes(buf: &[u8]) -> Result<Parsed> {
     let mut metadata = Vec::with_capacity(n_kv);
     let mut keys = HashSet::with_capacity(n_kv);
     for i in 0..n_kv {
-        let key = r.string("metadata key").with_context(|| format!("metadata pair {i}"))?;
-        let ty = r.u32("value type").with_context(|| format!("metadata key {key}"))?;
-        let value = r.value(ty, 0).with_context(|| format!("metadata key {key}"))?;
+        let key = r
+            .string("metadata key")
+            .with_context(|| format!("metadata pair {i}"))?;
+        let ty = r
+            .u32("value type")
+            .with_context(|| format!("metadata key {key}"))?;
+        let value = r
+            .value(ty, 0)
+            .with_context(|| format!("metadata key {key}"))?;
         if !keys.insert(key.clone()) {
             bail!("metadata key {key} appears twice");
         }
@@ -595,14 +649,19 @@ fn parse_bytes(buf: &[u8]) -> Result<Parsed> {
         None => DEFAULT_ALIGNMENT,
         Some((_, v)) => match v.as_u32() {
             Some(a) if a.is_power_of_two() => u64::from(a),
-            _ => bail!("metadata key {ALIGNMENT_KEY} is {}, expected a power of two", v.describe()),
+            _ => bail!(
+                "metadata key {ALIGNMENT_KEY} is {}, expected a power of two",
+                v.describe()
+            ),
         },
     };
 
     let mut tensors = Vec::with_capacity(n_tensors);
     let mut names = HashSet::with_capacity(n_tensors);
     for i in 0..n_tensors {
-        let name = r.string("tensor name").with_context(|| format!("tensor info {i}"))?;
+        let name = r
+            .string("tensor name")
+            .with_context(|| format!("tensor info {i}"))?;
         let info = tensor_info(&mut r, &name).with_context(|| format!("tensor {name}"))?;
         if !names.insert(name) {
             bail!("tensor {} appears twice", info.name);
@@ -611,12 +670,17 @@ fn parse_bytes(buf: &[u8]) -> Result<Parsed> {
     }
 
     let header_end = r.pos as u64;
-    let data_start = align_up(header_end, alignment)
-        .ok_or_else(|| anyhow!("data section start overflows (header ends at byte {header_end})"))?;
+    let data_start = align_up(header_end, alignment).ok_or_else(|| {
+        anyhow!("data section start overflows (header ends at byte {header_end})")
+    })?;
     let file_len = buf.len() as u64;
     for t in &mut tensors {
         if t.offset % alignment != 0 {
-            bail!("tensor {}: offset {} is not a multiple of the alignment {alignment}", t.name, t.offset);
+            bail!(
+                "tensor {}: offset {} is not a multiple of the alignment {alignment}",
+                t.name,
+                t.offset
+            );
         }
         let start = data_start.checked_add(t.offset);
         let end = start.and_then(|s| s.checked_add(t.n_bytes as u64));
@@ -662,6 +726,22 @@ fn tensor_info(r: &mut Reader, name: &str) -> Result<TensorInfo> {
             None => bail!("tensor {name} has unsupported type id {type_id}"),
         }
     };
+    let n_bytes = tensor_n_bytes(&dims, ty)?;
+    Ok(TensorInfo {
+        name: name.to_string(),
+        dims,
+        ty,
+        offset,
+        n_bytes,
+    })
+}
+
+/// Bytes of a tensor of `dims` (GGML order) in `ty`: 1 to 4 non-zero dimensions, rows of whole
+/// blocks, and an element count and byte size that fit (llama.cpp keeps counts in an `i64`).
+fn tensor_n_bytes(dims: &[u64], ty: GgmlType) -> Result<usize> {
+    if dims.is_empty() || dims.len() > MAX_DIMS {
+        bail!("has {} dimensions, expected 1 to {MAX_DIMS}", dims.len());
+    }
     if dims.contains(&0) {
         bail!("has a zero dimension: {dims:?}");
     }
@@ -670,16 +750,18 @@ fn tensor_info(r: &mut Reader, name: &str) -> Result<TensorInfo> {
         bail!("element count of dimensions {dims:?} overflows");
     }
     let row_len = dims.first().copied().unwrap_or(1);
-    let row_bytes = usize::try_from(row_len).ok().and_then(|n| ty.row_bytes(n));
-    let Some(row_bytes) = row_bytes else {
-        bail!("row length {row_len} is not a multiple of the {ty} block size {}", ty.block_elems());
+    let Some(row_bytes) = usize::try_from(row_len).ok().and_then(|n| ty.row_bytes(n)) else {
+        bail!(
+            "row length {row_len} is not a multiple of the {ty} block size {}",
+            ty.block_elems()
+        );
     };
-    let n_bytes = dims
-        .iter()
+    dims.iter()
         .skip(1)
-        .try_fold(row_bytes, |acc, &d| usize::try_from(d).ok().and_then(|d| acc.checked_mul(d)))
-        .ok_or_else(|| anyhow!("byte size of dimensions {dims:?} in {ty} overflows"))?;
-    Ok(TensorInfo { name: name.to_string(), dims, ty, offset, n_bytes })
+        .try_fold(row_bytes, |acc, &d| {
+            usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
+        })
+        .ok_or_else(|| anyhow!("byte size of dimensions {dims:?} in {ty} overflows"))
 }
 
 /// Writes GGUF v3 files (alignment 32) in the standard layout llama.cpp reads.
@@ -732,7 +814,10 @@ impl GgufWriter {
         }
         check_writable(&value, 0).with_context(|| format!("metadata key {key}"))?;
         if key == ALIGNMENT_KEY && value != Value::U32(DEFAULT_ALIGNMENT as u32) {
-            bail!("metadata key {key} is {}: the writer only writes alignment {DEFAULT_ALIGNMENT} as u32", value.describe());
+            bail!(
+                "metadata key {key} is {}: the writer only writes alignment {DEFAULT_ALIGNMENT} as u32",
+                value.describe()
+            );
         }
         self.keys.insert(key.to_string());
         self.metadata.push((key.to_string(), value));
@@ -744,23 +829,18 @@ impl GgufWriter {
         if self.names.contains(name) {
             bail!("tensor {name} added twice");
         }
-        if dims.is_empty() || dims.len() > MAX_DIMS || dims.contains(&0) {
-            bail!("tensor {name}: dimensions {dims:?} must be 1 to {MAX_DIMS} non-zero sizes");
-        }
-        let row_len = dims.first().copied().unwrap_or(1);
-        let row_bytes = usize::try_from(row_len).ok().and_then(|n| ty.row_bytes(n)).ok_or_else(|| {
-            anyhow!("tensor {name}: row length {row_len} is not a multiple of the {ty} block size {}", ty.block_elems())
-        })?;
-        let n_bytes = dims
-            .iter()
-            .skip(1)
-            .try_fold(row_bytes, |acc, &d| usize::try_from(d).ok().and_then(|d| acc.checked_mul(d)))
-            .ok_or_else(|| anyhow!("tensor {name}: byte size of {dims:?} in {ty} overflows"))?;
+        let n_bytes = tensor_n_bytes(dims, ty).with_context(|| format!("tensor {name}"))?;
         let next = align_up(self.data_bytes, DEFAULT_ALIGNMENT)
             .and_then(|offset| Some((offset, offset.checked_add(n_bytes as u64)?)))
             .ok_or_else(|| anyhow!("tensor {name}: data section size overflows"))?;
         self.names.insert(name.to_string());
-        self.tensors.push(PlannedTensor { name: name.to_string(), dims: dims.to_vec(), ty, offset: next.0, n_bytes });
+        self.tensors.push(PlannedTensor {
+            name: name.to_string(),
+            dims: dims.to_vec(),
+            ty,
+            offset: next.0,
+            n_bytes,
+        });
         self.data_bytes = next.1;
         Ok(())
     }
@@ -792,8 +872,14 @@ impl GgufWriter {
 
     /// Writes the header to `out` and returns the writer that takes the tensor data.
     pub fn write_header<W: Write>(self, mut out: W) -> Result<GgufDataWriter<W>> {
-        out.write_all(&self.header_bytes()).context("writing the GGUF header")?;
-        Ok(GgufDataWriter { out, tensors: self.tensors, next: 0, data_pos: 0 })
+        out.write_all(&self.header_bytes())
+            .context("writing the GGUF header")?;
+        Ok(GgufDataWriter {
+            out,
+            tensors: self.tensors,
+            next: 0,
+            data_pos: 0,
+        })
     }
 }
 
@@ -806,7 +892,11 @@ fn check_writable(value: &Value, depth: usize) -> Result<()> {
             let ty = first.type_id();
             for (i, item) in items.iter().enumerate() {
                 if item.type_id() != ty {
-                    bail!("array element {i} is {}, but element 0 is {}", item.type_name(), first.type_name());
+                    bail!(
+                        "array element {i} is {}, but element 0 is {}",
+                        item.type_name(),
+                        first.type_name()
+                    );
                 }
                 check_writable(item, depth + 1).with_context(|| format!("array element {i}"))?;
             }
@@ -863,7 +953,10 @@ impl<W: Write> GgufDataWriter<W> {
     /// Writes the next tensor's bytes; `name` and the length must match its declaration.
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
         let Some(t) = self.tensors.get(self.next) else {
-            bail!("tensor {name}: all {} declared tensors are already written", self.tensors.len());
+            bail!(
+                "tensor {name}: all {} declared tensors are already written",
+                self.tensors.len()
+            );
         };
         if t.name != name {
             bail!("tensor {name} written out of order: {} comes next", t.name);
@@ -881,8 +974,12 @@ impl<W: Write> GgufDataWriter<W> {
         let padded = (t.n_bytes as u64).next_multiple_of(DEFAULT_ALIGNMENT);
         let padding = [0u8; DEFAULT_ALIGNMENT as usize];
         let n_pad = (padded - t.n_bytes as u64) as usize;
-        self.out.write_all(data).with_context(|| format!("writing tensor {name}"))?;
-        self.out.write_all(&padding[..n_pad]).with_context(|| format!("writing tensor {name}"))?;
+        self.out
+            .write_all(data)
+            .with_context(|| format!("writing tensor {name}"))?;
+        self.out
+            .write_all(&padding[..n_pad])
+            .with_context(|| format!("writing tensor {name}"))?;
         self.data_pos += padded;
         self.next += 1;
         Ok(())
@@ -891,7 +988,12 @@ impl<W: Write> GgufDataWriter<W> {
     /// Checks every declared tensor was written, flushes, and returns the output.
     pub fn finish(mut self) -> Result<W> {
         if let Some(t) = self.tensors.get(self.next) {
-            bail!("tensor {} was declared but never written ({} of {} written)", t.name, self.next, self.tensors.len());
+            bail!(
+                "tensor {} was declared but never written ({} of {} written)",
+                t.name,
+                self.next,
+                self.tensors.len()
+            );
         }
         self.out.flush().context("flushing the GGUF file")?;
         Ok(self.out)

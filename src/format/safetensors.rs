@@ -64,8 +64,8 @@ impl SafetensorsModel {
     /// Opens a Hugging Face model directory.
     pub fn open(dir: &Path) -> Result<SafetensorsModel> {
         let config_path = dir.join("config.json");
-        let config_text =
-            std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
+        let config_text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?;
         let config: serde_json::Value = serde_json::from_str(&config_text)
             .with_context(|| format!("parsing {} as JSON", config_path.display()))?;
         if !config.is_object() {
@@ -81,7 +81,10 @@ impl SafetensorsModel {
         } else if single_path.is_file() {
             (vec![SINGLE_FILE.to_string()], None)
         } else {
-            bail!("{}: neither {SINGLE_FILE} nor {INDEX_FILE} is there", dir.display());
+            bail!(
+                "{}: neither {SINGLE_FILE} nor {INDEX_FILE} is there",
+                dir.display()
+            );
         };
 
         let mut shards = Vec::with_capacity(shard_files.len());
@@ -90,8 +93,8 @@ impl SafetensorsModel {
         for (shard_index, file) in shard_files.iter().enumerate() {
             let path = dir.join(file);
             let storage = Arc::new(Storage::map(&path)?);
-            let shard_tensors =
-                parse_shard(&storage, shard_index).with_context(|| format!("reading safetensors file {}", path.display()))?;
+            let shard_tensors = parse_shard(&storage, shard_index)
+                .with_context(|| format!("reading safetensors file {}", path.display()))?;
             for t in shard_tensors {
                 if let Some(map) = &weight_map {
                     match map.get(&t.name) {
@@ -101,18 +104,29 @@ impl SafetensorsModel {
                             dir.display(),
                             t.name
                         ),
-                        None => bail!("{}: tensor {} is in {file}, but {INDEX_FILE} does not list it", dir.display(), t.name),
+                        None => bail!(
+                            "{}: tensor {} is in {file}, but {INDEX_FILE} does not list it",
+                            dir.display(),
+                            t.name
+                        ),
                     }
                 }
                 if by_name.insert(t.name.clone(), tensors.len()).is_some() {
-                    bail!("{}: tensor {} appears in more than one shard", dir.display(), t.name);
+                    bail!(
+                        "{}: tensor {} appears in more than one shard",
+                        dir.display(),
+                        t.name
+                    );
                 }
                 tensors.push(t);
             }
             shards.push(Shard { path, storage });
         }
         if let Some(map) = &weight_map {
-            let mut missing: Vec<&String> = map.keys().filter(|name| !by_name.contains_key(*name)).collect();
+            let mut missing: Vec<&String> = map
+                .keys()
+                .filter(|name| !by_name.contains_key(*name))
+                .collect();
             missing.sort();
             if let Some(name) = missing.first() {
                 bail!(
@@ -123,7 +137,14 @@ impl SafetensorsModel {
                 );
             }
         }
-        Ok(SafetensorsModel { dir: dir.to_path_buf(), config, tokenizer_path, shards, tensors, by_name })
+        Ok(SafetensorsModel {
+            dir: dir.to_path_buf(),
+            config,
+            tokenizer_path,
+            shards,
+            tensors,
+            by_name,
+        })
     }
 
     /// A tensor by its Hugging Face name.
@@ -133,7 +154,8 @@ impl SafetensorsModel {
 
     /// The tensor, or an error naming it.
     pub fn require_tensor(&self, name: &str) -> Result<&SafetensorsTensor> {
-        self.tensor(name).ok_or_else(|| anyhow!("{}: tensor {name} is missing", self.dir.display()))
+        self.tensor(name)
+            .ok_or_else(|| anyhow!("{}: tensor {name} is missing", self.dir.display()))
     }
 
     /// The bytes of a tensor of this model, little-endian as stored.
@@ -141,40 +163,61 @@ impl SafetensorsModel {
     /// # Panics
     /// If `t` describes a range outside this model's shards, which no tensor it lists does.
     pub fn tensor_data(&self, t: &SafetensorsTensor) -> &[u8] {
-        let range = usize::try_from(t.offset).ok().and_then(|start| Some(start..start.checked_add(t.n_bytes)?));
-        let bytes = self.shards.get(t.shard).zip(range).and_then(|(shard, r)| shard.storage.get(r));
+        let range = usize::try_from(t.offset)
+            .ok()
+            .and_then(|start| Some(start..start.checked_add(t.n_bytes)?));
+        let bytes = self
+            .shards
+            .get(t.shard)
+            .zip(range)
+            .and_then(|(shard, r)| shard.storage.get(r));
         match bytes {
             Some(bytes) => bytes,
-            None => panic!("tensor {}: shard {} [{}, +{}) is not part of this model", t.name, t.shard, t.offset, t.n_bytes),
+            None => panic!(
+                "tensor {}: shard {} [{}, +{}) is not part of this model",
+                t.name, t.shard, t.offset, t.n_bytes
+            ),
         }
     }
 }
 
 /// The shard file names, sorted, and the weight map (tensor name -> shard file name).
 fn read_index(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let index: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {} as JSON", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let index: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {} as JSON", path.display()))?;
     let map = index
         .get("weight_map")
         .and_then(serde_json::Value::as_object)
         .ok_or_else(|| anyhow!("{}: no \"weight_map\" object", path.display()))?;
     let mut weight_map = HashMap::with_capacity(map.len());
     for (name, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| anyhow!("{}: weight_map entry {name} is not a file name", path.display()))?;
+        let file = file.as_str().ok_or_else(|| {
+            anyhow!(
+                "{}: weight_map entry {name} is not a file name",
+                path.display()
+            )
+        })?;
         let plain = !file.is_empty()
             && file != "."
             && file != ".."
             && !file.contains(['/', '\\'])
             && Path::new(file).file_name().is_some_and(|f| f == file);
         if !plain {
-            bail!("{}: weight_map entry {name} names {file:?}, not a file in the model directory", path.display());
+            bail!(
+                "{}: weight_map entry {name} names {file:?}, not a file in the model directory",
+                path.display()
+            );
         }
         weight_map.insert(name.clone(), file.to_string());
     }
-    let mut files: Vec<String> = weight_map.values().cloned().collect::<HashSet<_>>().into_iter().collect();
+    let mut files: Vec<String> = weight_map
+        .values()
+        .cloned()
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
     files.sort();
     if files.is_empty() {
         bail!("{}: weight_map is empty", path.display());
@@ -193,28 +236,45 @@ fn ggml_type(dtype: Dtype) -> Option<GgmlType> {
 
 /// Tensors of one shard, in data order, with absolute offsets validated against the file.
 fn parse_shard(bytes: &[u8], shard: usize) -> Result<Vec<SafetensorsTensor>> {
-    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("bad safetensors header: {e}"))?;
+    let (header_len, metadata) =
+        SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("bad safetensors header: {e}"))?;
     let data_start = header_len
         .checked_add(8)
         .ok_or_else(|| anyhow!("header length {header_len} overflows"))?;
     let infos = metadata.tensors();
     let mut tensors = Vec::with_capacity(infos.len());
     for name in metadata.offset_keys() {
-        let info = infos.get(&name).ok_or_else(|| anyhow!("tensor {name} vanished from the header"))?;
+        let info = infos
+            .get(&name)
+            .ok_or_else(|| anyhow!("tensor {name} vanished from the header"))?;
         let ty = ggml_type(info.dtype).ok_or_else(|| {
-            anyhow!("tensor {name} has dtype {:?}; only F32, F16 and BF16 are supported", info.dtype)
+            anyhow!(
+                "tensor {name} has dtype {:?}; only F32, F16 and BF16 are supported",
+                info.dtype
+            )
         })?;
         let (begin, end) = info.data_offsets;
         let start = data_start.checked_add(begin);
         let stop = data_start.checked_add(end);
         let (start, n_bytes) = match (start, stop) {
-            (Some(start), Some(stop)) if start <= stop && stop <= bytes.len() => (start, stop - start),
-            _ => bail!("tensor {name}: data offsets [{begin}, {end}) lie outside the file ({} bytes)", bytes.len()),
+            (Some(start), Some(stop)) if start <= stop && stop <= bytes.len() => {
+                (start, stop - start)
+            }
+            _ => bail!(
+                "tensor {name}: data offsets [{begin}, {end}) lie outside the file ({} bytes)",
+                bytes.len()
+            ),
         };
-        let n_elements = info.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let n_elements = info
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
         let expected = n_elements.and_then(|n| ty.row_bytes(n));
         if expected != Some(n_bytes) {
-            bail!("tensor {name}: {n_bytes} bytes do not hold a {:?} {ty} tensor", info.shape);
+            bail!(
+                "tensor {name}: {n_bytes} bytes do not hold a {:?} {ty} tensor",
+                info.shape
+            );
         }
         let mut dims: Vec<u64> = info.shape.iter().rev().map(|&d| d as u64).collect();
         if dims.is_empty() {
@@ -243,7 +303,10 @@ pub fn gguf_tensor_name(hf_name: &str) -> Option<String> {
     }
     let rest = hf_name.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) || (layer.len() > 1 && layer.starts_with('0')) {
+    if layer.is_empty()
+        || !layer.bytes().all(|b| b.is_ascii_digit())
+        || (layer.len() > 1 && layer.starts_with('0'))
+    {
         return None;
     }
     let (module, suffix) = rest.rsplit_once('.')?;
