@@ -14,14 +14,23 @@ use kvgear::model::Model;
 use kvgear::rng::Rng;
 
 /// The fast matmul quantizes each 32-value block of activations to int8 (as llama.cpp does) for
-/// the 32-element block types: each value moves by up to amax/254, about 0.006 of the RMS of a
-/// normal block as a standard deviation, and the dot-product error relative to the output's RMS
-/// has that standard deviation too. The worst of a few hundred outputs stays under 7 of those.
-const QUANT_ACT_TOL: f32 = 0.04;
+/// the 32-element block types: each value moves by at most amax/254, so the activation error
+/// vector is about 0.006 |x| in practice (1/254 of each block's largest value per element), and the
+/// dot-product error is at most |w| times that. Q4_1 and Q5_1 also use the block's `d * sum`
+/// rounded to f16 (as `block_q8_1` stores it), 2^-11 of a term bounded by |w| |x|. Errors are
+/// measured relative to |w_r| |x_t|; 1e-2 leaves room over the 0.006.
+const QUANT_ACT_TOL: f32 = 1e-2;
 /// f32 and dequantized-block paths differ from the reference only by f32 vs f64 accumulation.
 const FLOAT_TOL: f32 = 1e-4;
-/// Attention in f32 (fast) against f64 (reference) over fp16 keys and values.
-const ATTN_TOL: f32 = 1e-4;
+/// The fast attention follows llama.cpp's CPU flash attention: the query is rounded to f16
+/// (relative 2^-11) and the weighted sum of values is accumulated in f16, rounded at every key
+/// (half an ulp of values below 1 is at most 2^-12 per key, growing like the square root of the
+/// keys visited). Errors are absolute, the values being uniform in [-1, 1].
+const ATTN_TOL: f32 = 1e-2;
+/// The fast RoPE follows ggml: each pair's angle is the previous one times a factor, in f32, so
+/// the angle of pair i at position p carries about i f32 roundings of p (p = 1000 here):
+/// 32 * 1000 * 6e-8 rad, a few 1e-3 of a unit vector.
+const ROPE_TOL: f32 = 1e-2;
 
 fn seed() -> u64 {
     let s = Rng::seed_from_time();
@@ -67,8 +76,18 @@ fn matmul_matches_reference_for_every_type_and_simd_path() {
                 } else {
                     FLOAT_TOL
                 };
-                let e = rel_err(&got, &want);
-                assert!(e < tol, "{ty} {level:?} rows {n_rows} tokens {n_tokens}: rel err {e} (seed {s})");
+                // Each error is measured against |w_r| |x_t|, the bound Cauchy-Schwarz puts on the
+                // dot product, so outputs near zero are judged fairly.
+                let mut row = vec![0.0f32; n_cols];
+                for r in 0..n_rows {
+                    w.dequantize_row(r, &mut row).unwrap();
+                    let wn = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+                    for t in 0..n_tokens {
+                        let xn = x[t * n_cols..(t + 1) * n_cols].iter().map(|v| v * v).sum::<f32>().sqrt();
+                        let e = (got[t * n_rows + r] - want[t * n_rows + r]).abs() / (wn * xn).max(1e-20);
+                        assert!(e < tol, "{ty} {level:?} rows {n_rows} tokens {n_tokens}: err {e} at ({t}, {r}) (seed {s})");
+                    }
+                }
             }
         }
     }
@@ -93,8 +112,11 @@ fn attention_matches_reference_with_gqa_and_mass() {
         let mut mass_got = vec![0.0f32; n_kv * total];
         reference::attention(&q, &layer, n_tokens, n_heads, head_dim, &mut want, Some(&mut mass_want));
         fast::attention(&q, &layer, n_tokens, n_heads, head_dim, &mut got, Some(&mut mass_got));
-        assert!(rel_err(&got, &want) < ATTN_TOL, "attention rel err {} (seed {s})", rel_err(&got, &want));
-        assert!(rel_err(&mass_got, &mass_want) < ATTN_TOL, "mass (seed {s})");
+        let abs_err = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(abs_err(&got, &want) < ATTN_TOL, "attention err {} (seed {s})", abs_err(&got, &want));
+        // Mass: softmax weights from f16-rounded queries, summed over queries and heads.
+        let max_mass = mass_want.iter().copied().fold(0.0f32, f32::max);
+        assert!(abs_err(&mass_got, &mass_want) < ATTN_TOL * max_mass, "mass (seed {s})");
         // Each query's softmax row sums to one: total mass per KV head = queries * heads per group.
         for g in 0..n_kv {
             let total_mass: f32 = mass_got[g * total..(g + 1) * total].iter().sum();
@@ -116,7 +138,7 @@ fn rope_and_rmsnorm_match_reference() {
             let (mut a, mut b) = (x.clone(), x.clone());
             reference::rope(&mut a, 1000, &p);
             fast::rope(&mut b, 1000, &p);
-            assert!(rel_err(&b, &a) < 1e-5, "rope {style:?} (seed {s})");
+            assert!(rel_err(&b, &a) < ROPE_TOL, "rope {style:?}: {} (seed {s})", rel_err(&b, &a));
             // Rotation preserves each pair's norm.
             let n0: f32 = x.iter().map(|v| v * v).sum();
             let n1: f32 = b.iter().map(|v| v * v).sum();
@@ -128,7 +150,8 @@ fn rope_and_rmsnorm_match_reference() {
     let (mut a, mut b) = (vec![0.0; x.len()], vec![0.0; x.len()]);
     reference::rmsnorm(&x, &w, 1e-5, &mut a);
     fast::rmsnorm(&x, &w, 1e-5, &mut b);
-    assert_eq!(a, b);
+    // ggml's order: the mean and the scale in f32, then (x * scale) * w.
+    assert!(rel_err(&b, &a) < 1e-6, "rmsnorm {}", rel_err(&b, &a));
 }
 
 /// Relative RMS difference of two logit vectors allowed between the backends on a tiny random

@@ -16,7 +16,7 @@ use anyhow::Result;
 use half::f16;
 use rayon::prelude::*;
 
-use crate::backend::cpu::reference::{self, RopeParams, RopeStyle};
+use crate::backend::cpu::reference::{RopeParams, RopeStyle};
 use crate::format::quant::{dequantize, GgmlType};
 use crate::kv::Fp16Layer;
 use crate::model::weights::Tensor;
@@ -104,6 +104,8 @@ struct Q8Row {
     qs: Vec<i8>,
     d: Vec<f32>,
     sum: Vec<i32>,
+    /// `d * sum` rounded to f16, as `block_q8_1` stores it: the types with a minimum use it.
+    s: Vec<f32>,
 }
 
 /// Quantizes `x` (a multiple of 32 long) to int8 blocks as llama.cpp's `quantize_row_q8_0`.
@@ -112,6 +114,7 @@ fn quantize_q8(x: &[f32], out: &mut Q8Row) {
     out.qs.resize(x.len(), 0);
     out.d.resize(nb, 0.0);
     out.sum.resize(nb, 0);
+    out.s.resize(nb, 0.0);
     for b in 0..nb {
         let xb = &x[b * 32..(b + 1) * 32];
         let amax = xb.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
@@ -125,6 +128,7 @@ fn quantize_q8(x: &[f32], out: &mut Q8Row) {
         }
         out.d[b] = f16::from_f32(d).to_f32();
         out.sum[b] = s;
+        out.s[b] = f16::from_f32(d * s as f32).to_f32();
     }
 }
 
@@ -197,14 +201,14 @@ fn dot_row_scalar(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
                 codes.iter().zip(xq).map(|(&c, &q)| c as i32 * q as i32).sum()
             };
             let dx = x.d[b];
-            *o += d * dx * (isum - k.offset * x.sum[b]) as f32 + m * dx * x.sum[b] as f32;
+            *o += d * dx * (isum - k.offset * x.sum[b]) as f32 + m * x.s[b];
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{rd_f16, BlockKind, Q8Row};
+    use super::{BlockKind, Q8Row};
     use std::arch::x86_64::*;
 
     /// 32 unsigned codes of a 4/5-bit block, in element order, in one register.
@@ -256,39 +260,57 @@ mod x86 {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
     }
 
+    /// An f16 value at `p` (unaligned), converted with F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_at(p: *const u8) -> f32 {
+        let bits = (p as *const u16).read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
     macro_rules! dot_rows {
-        ($name:ident, $feat:literal, $idot:ident) => {
-            /// Dot products of one weight row with up to 4 quantized activation rows.
+        ($name:ident, $inner:ident, $feat:literal, $idot:ident) => {
+            /// Dot products of one weight row with up to 4 quantized activation rows; the block
+            /// layout is a compile-time choice so the inner loop has no branches.
             #[target_feature(enable = $feat)]
-            pub unsafe fn $name(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+            unsafe fn $inner<const INT8: bool, const MIN: bool, const FIVE: bool>(
+                k: BlockKind,
+                row: &[u8],
+                xs: &[&Q8Row],
+                out: &mut [f32],
+            ) {
                 let n = xs.len();
                 debug_assert!(n >= 1 && n <= 4 && out.len() >= n);
                 let nb = row.len() / k.bytes;
                 let mut acc = [_mm256_setzero_ps(); 4];
                 let mut tail = [0.0f32; 4];
                 let p = row.as_ptr();
+                let offset = k.offset;
                 for b in 0..nb {
                     let blk = p.add(b * k.bytes);
-                    let d = rd_f16(row, b * k.bytes);
-                    if k.int8 {
+                    let d = f16_at(blk);
+                    if INT8 {
                         let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
                         let aw = _mm256_sign_epi8(w, w);
                         for t in 0..n {
                             let x = _mm256_loadu_si256(xs[t].qs.as_ptr().add(b * 32) as *const __m256i);
                             let sx = _mm256_sign_epi8(x, w);
                             let s = _mm256_cvtepi32_ps($idot(aw, sx));
-                            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xs[t].d[b]), s, acc[t]);
+                            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xs[t].d.get_unchecked(b)), s, acc[t]);
                         }
                     } else {
-                        let m = if k.has_min { rd_f16(row, b * k.bytes + 2) } else { 0.0 };
                         let w = codes_u8(k, blk);
+                        let m = if MIN { f16_at(blk.add(2)) } else { 0.0 };
                         for t in 0..n {
                             let x = _mm256_loadu_si256(xs[t].qs.as_ptr().add(b * 32) as *const __m256i);
                             let s = _mm256_cvtepi32_ps($idot(w, x));
-                            let dx = xs[t].d[b];
+                            let dx = *xs[t].d.get_unchecked(b);
                             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), s, acc[t]);
-                            let sum = xs[t].sum[b] as f32;
-                            tail[t] += dx * sum * (m - d * k.offset as f32);
+                            if MIN {
+                                tail[t] += m * *xs[t].s.get_unchecked(b);
+                            } else {
+                                tail[t] -= d * dx * (offset * *xs[t].sum.get_unchecked(b)) as f32;
+                            }
                         }
                     }
                 }
@@ -296,11 +318,22 @@ mod x86 {
                     out[t] = hsum(acc[t]) + tail[t];
                 }
             }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $name(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+                match (k.int8, k.has_min, k.five_bit) {
+                    (true, _, _) => $inner::<true, false, false>(k, row, xs, out),
+                    (false, false, false) => $inner::<false, false, false>(k, row, xs, out),
+                    (false, true, false) => $inner::<false, true, false>(k, row, xs, out),
+                    (false, false, true) => $inner::<false, false, true>(k, row, xs, out),
+                    (false, true, true) => $inner::<false, true, true>(k, row, xs, out),
+                }
+            }
         };
     }
 
-    dot_rows!(dot_rows_avx2, "avx2,fma", idot_avx2);
-    dot_rows!(dot_rows_vnni, "avx2,fma,avx512vnni,avx512vl,avx512bw", idot_vnni);
+    dot_rows!(dot_rows_avx2, dot_rows_avx2_impl, "avx2,fma,f16c", idot_avx2);
+    dot_rows!(dot_rows_vnni, dot_rows_vnni_impl, "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw", idot_vnni);
 
     /// f32 dot product of two equal-length slices.
     #[target_feature(enable = "avx2,fma")]
@@ -330,47 +363,69 @@ mod x86 {
         s
     }
 
-    /// f32 dot product of f16 values with f32 values.
+    /// Dot product of two f16 vectors, products and sums in f32 (as ggml_vec_dot_f16).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f16_f32(a: &[half::f16], b: &[f32]) -> f32 {
+    pub unsafe fn dot_f16_f16(a: &[half::f16], b: &[half::f16]) -> f32 {
         let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr() as *const u16, b.as_ptr() as *const u16);
         let mut acc0 = _mm256_setzero_ps();
         let mut acc1 = _mm256_setzero_ps();
         let mut i = 0;
-        let pa = a.as_ptr() as *const u16;
         while i + 16 <= n {
             let x0 = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i) as *const __m128i));
+            let y0 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i) as *const __m128i));
             let x1 = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i + 8) as *const __m128i));
-            acc0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(b.as_ptr().add(i)), acc0);
-            acc1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(b.as_ptr().add(i + 8)), acc1);
+            let y1 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i + 8) as *const __m128i));
+            acc0 = _mm256_fmadd_ps(x0, y0, acc0);
+            acc1 = _mm256_fmadd_ps(x1, y1, acc1);
             i += 16;
         }
         let mut s = hsum(_mm256_add_ps(acc0, acc1));
         while i < n {
-            s += a[i].to_f32() * b[i];
+            s += a[i].to_f32() * b[i].to_f32();
             i += 1;
         }
         s
     }
 
-    /// `acc += p * v` for f16 `v`.
+    /// `y = f16(y + x * v)` element-wise, f16 accumulator (as ggml_vec_mad_f16).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn axpy_f16(acc: &mut [f32], p: f32, v: &[half::f16]) {
-        let n = acc.len().min(v.len());
-        let pv = _mm256_set1_ps(p);
-        let pa = v.as_ptr() as *const u16;
+    pub unsafe fn mad_f16(y: &mut [half::f16], x: &[half::f16], v: f32) {
+        let n = y.len().min(x.len());
+        let (py, px) = (y.as_mut_ptr() as *mut u16, x.as_ptr() as *const u16);
+        let vv = _mm256_set1_ps(v);
         let mut i = 0;
         while i + 8 <= n {
-            let x = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i) as *const __m128i));
-            let y = _mm256_loadu_ps(acc.as_ptr().add(i));
-            _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_fmadd_ps(pv, x, y));
+            let yy = _mm256_cvtph_ps(_mm_loadu_si128(py.add(i) as *const __m128i));
+            let xx = _mm256_cvtph_ps(_mm_loadu_si128(px.add(i) as *const __m128i));
+            let r = _mm256_fmadd_ps(xx, vv, yy);
+            _mm_storeu_si128(py.add(i) as *mut __m128i, _mm256_cvtps_ph::<0>(r));
             i += 8;
         }
         while i < n {
-            acc[i] += p * v[i].to_f32();
+            y[i] = half::f16::from_f32(x[i].to_f32().mul_add(v, y[i].to_f32()));
             i += 1;
         }
     }
+
+    /// `y = f16(y * v)` element-wise.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scale_f16(y: &mut [half::f16], v: f32) {
+        let n = y.len();
+        let py = y.as_mut_ptr() as *mut u16;
+        let vv = _mm256_set1_ps(v);
+        let mut i = 0;
+        while i + 8 <= n {
+            let yy = _mm256_cvtph_ps(_mm_loadu_si128(py.add(i) as *const __m128i));
+            _mm_storeu_si128(py.add(i) as *mut __m128i, _mm256_cvtps_ph::<0>(_mm256_mul_ps(yy, vv)));
+            i += 8;
+        }
+        while i < n {
+            y[i] = half::f16::from_f32(y[i].to_f32() * v);
+            i += 1;
+        }
+    }
+
 }
 
 fn dot_rows(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
@@ -389,25 +444,6 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         return unsafe { x86::dot_f32(a, b) };
     }
     a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn dot_f16_f32(a: &[f16], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd() != Simd::Scalar {
-        return unsafe { x86::dot_f16_f32(a, b) };
-    }
-    a.iter().zip(b).map(|(x, y)| x.to_f32() * y).sum()
-}
-
-fn axpy_f16(acc: &mut [f32], p: f32, v: &[f16]) {
-    #[cfg(target_arch = "x86_64")]
-    if simd() != Simd::Scalar {
-        unsafe { x86::axpy_f16(acc, p, v) };
-        return;
-    }
-    for (a, x) in acc.iter_mut().zip(v) {
-        *a += p * x.to_f32();
-    }
 }
 
 /// A raw output pointer shared by tasks that write disjoint elements.
@@ -496,24 +532,65 @@ pub fn matmul(w: &Tensor, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Result
     result
 }
 
-pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    reference::rmsnorm(x, w, eps, out)
+fn dot_f16_f16(a: &[f16], b: &[f16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd() != Simd::Scalar {
+        return unsafe { x86::dot_f16_f16(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x.to_f32() * y.to_f32()).sum()
 }
 
-/// RoPE with the angles of each position computed once and shared by every head.
+fn mad_f16(y: &mut [f16], x: &[f16], v: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() != Simd::Scalar {
+        unsafe { x86::mad_f16(y, x, v) };
+        return;
+    }
+    for (a, b) in y.iter_mut().zip(x) {
+        *a = f16::from_f32(b.to_f32().mul_add(v, a.to_f32()));
+    }
+}
+
+fn scale_f16(y: &mut [f16], v: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() != Simd::Scalar {
+        unsafe { x86::scale_f16(y, v) };
+        return;
+    }
+    for a in y.iter_mut() {
+        *a = f16::from_f32(a.to_f32() * v);
+    }
+}
+
+/// RMSNorm as ggml computes it: squares in f32 summed in f64, the mean and the scale in f32,
+/// then `(x * scale) * w`.
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = w.len();
+    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum / dim as f64) as f32;
+        let scale = 1.0f32 / (mean + eps).sqrt();
+        for i in 0..dim {
+            or[i] = (xr[i] * scale) * w[i];
+        }
+    }
+}
+
+/// RoPE as ggml computes it: per position, the angle of pair 0 is the position, each next
+/// pair's angle is the previous one times `freq_base^(-2/n_rot)` (in f32), then divided by the
+/// pair's frequency factor; sines, cosines and the rotation in f32.
 pub fn rope(x: &mut [f32], pos0: usize, p: &RopeParams) {
     let row = p.n_heads * p.head_dim;
     let half = p.n_rot / 2;
+    let theta_scale = p.freq_base.powf(-2.0f32 / p.n_rot as f32);
     let mut cs = vec![(0.0f32, 0.0f32); half];
     for (t, tok) in x.chunks_exact_mut(row).enumerate() {
-        let pos = (pos0 + t) as f64;
+        let mut theta = (pos0 + t) as f32;
         for (i, c) in cs.iter_mut().enumerate() {
-            let mut theta = pos * (p.freq_base as f64).powf(-2.0 * i as f64 / p.n_rot as f64);
-            if let Some(f) = p.freq_factors {
-                theta /= f[i] as f64;
-            }
-            let (s, co) = theta.sin_cos();
-            *c = (s as f32, co as f32);
+            let ff = p.freq_factors.map_or(1.0, |f| f[i]);
+            let (s, co) = (theta / ff).sin_cos();
+            *c = (s, co);
+            theta *= theta_scale;
         }
         for head in tok.chunks_exact_mut(p.head_dim) {
             for (i, &(sin, cos)) in cs.iter().enumerate() {
@@ -529,8 +606,16 @@ pub fn rope(x: &mut [f32], pos0: usize, p: &RopeParams) {
     }
 }
 
-/// Causal attention over the fp16 cache, parallel over (query, head) pairs. Same contract as
-/// `reference::attention`.
+thread_local! {
+    static ATTN_SCRATCH: RefCell<(Vec<f16>, Vec<f16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// Causal attention over the fp16 cache, one pass over the keys with an online softmax, as
+/// llama.cpp's CPU flash attention computes it: the query rounded to f16, `q . k` in f32, the
+/// weighted sum of values accumulated in f16 and rescaled whenever the running maximum grows,
+/// divided by the softmax denominator at the end. Parallel over (query, head) pairs. Same
+/// contract as `reference::attention`; with `mass`, each token's final softmax weight is
+/// recomputed from its stored score.
 pub fn attention(
     q: &[f32],
     layer: &Fp16Layer,
@@ -549,24 +634,40 @@ pub fn attention(
         let g = h / group;
         let qh = &q[(t * n_heads + h) * head_dim..][..head_dim];
         let (kh, vh) = (&layer.k[g], &layer.v[g]);
-        let mut scores: Vec<f32> = (0..=pos).map(|j| dot_f16_f32(&kh[j * head_dim..][..head_dim], qh) * scale).collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            total += *s;
-        }
-        let inv = 1.0 / total;
-        oh.fill(0.0);
-        for (j, s) in scores.iter_mut().enumerate() {
-            *s *= inv;
-            axpy_f16(oh, *s, &vh[j * head_dim..][..head_dim]);
-        }
-        if want_mass {
-            scores
-        } else {
-            Vec::new()
-        }
+        ATTN_SCRATCH.with(|cell| {
+            let (q16, acc, scores) = &mut *cell.borrow_mut();
+            q16.clear();
+            q16.extend(qh.iter().map(|&v| f16::from_f32(v)));
+            acc.clear();
+            acc.resize(head_dim, f16::ZERO);
+            scores.clear();
+            let (mut m, mut total) = (f32::NEG_INFINITY, 0.0f32);
+            for j in 0..=pos {
+                let s = dot_f16_f16(&kh[j * head_dim..][..head_dim], q16) * scale;
+                if want_mass {
+                    scores.push(s);
+                }
+                let (ms, vs) = if s > m {
+                    let ms = (m - s).exp();
+                    m = s;
+                    scale_f16(acc, ms);
+                    (ms, 1.0)
+                } else {
+                    (1.0, (s - m).exp())
+                };
+                mad_f16(acc, &vh[j * head_dim..][..head_dim], vs);
+                total = total * ms + vs;
+            }
+            let inv = 1.0 / total;
+            for (o, a) in oh.iter_mut().zip(acc.iter()) {
+                *o = a.to_f32() * inv;
+            }
+            if want_mass {
+                scores.iter().map(|&s| (s - m).exp() * inv).collect()
+            } else {
+                Vec::new()
+            }
+        })
     };
     let per: Vec<Vec<f32>> = out
         .par_chunks_mut(head_dim)
