@@ -19,7 +19,7 @@ use crate::rng::Rng;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct SynthArgs {
-    /// Named config: tiny, smollm2-135m, tinyllama-1.1b, llama2-7b, llama2-13b, llama3-8b, qwen2-0.5b, mistral-7b.
+    /// Named config: tiny, tiny-qwen2, smollm2-135m, tinyllama-1.1b, llama2-7b, llama2-13b, llama3-8b, qwen2-0.5b, mistral-7b.
     #[arg(long, default_value = "llama2-7b")]
     pub config: String,
     /// Type of the weight matrices (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).

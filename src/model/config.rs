@@ -64,8 +64,8 @@ const MAX_VOCAB: usize = 1 << 24;
 
 impl Config {
     /// The named configurations `synth` and `memory` know.
-    pub const NAMES: [&'static str; 8] =
-        ["tiny", "smollm2-135m", "tinyllama-1.1b", "llama2-7b", "llama2-13b", "llama3-8b", "qwen2-0.5b", "mistral-7b"];
+    pub const NAMES: [&'static str; 9] =
+        ["tiny", "tiny-qwen2", "smollm2-135m", "tinyllama-1.1b", "llama2-7b", "llama2-13b", "llama3-8b", "qwen2-0.5b", "mistral-7b"];
 
     pub fn named(name: &str) -> Result<Config> {
         let llama = |n_layers, n_embd, n_heads, n_kv_heads, n_ff, n_vocab, n_ctx_train, rope_base, norm_eps| Config {
@@ -93,6 +93,12 @@ impl Config {
             "llama2-13b" => llama(40, 5120, 40, 40, 13824, 32000, 4096, 10000.0, 1e-5),
             "llama3-8b" => llama(32, 4096, 32, 8, 14336, 128256, 8192, 500000.0, 1e-5),
             "mistral-7b" => llama(32, 4096, 32, 8, 14336, 32000, 32768, 1000000.0, 1e-5),
+            "tiny-qwen2" => Config {
+                arch: Arch::Qwen2,
+                rope_style: RopeStyle::Neox,
+                attn_bias: true,
+                ..llama(2, 256, 4, 2, 512, 512, 256, 1000000.0, 1e-6)
+            },
             "qwen2-0.5b" => Config {
                 arch: Arch::Qwen2,
                 rope_style: RopeStyle::Neox,
