@@ -50,19 +50,37 @@ fn greedy_text_matches_llama_cpp() {
     }
 }
 
+/// The reference backend computes in f32/f64 without llama.cpp's int8 activations and f16
+/// attention, so its greedy text may part from llama.cpp's at a near tie; its logits must stay
+/// close to the fast backend's: the KL divergence of the fast next-token distribution from the
+/// reference one stays small, and both pick the same top token.
+const REF_FAST_KL_TOL: f64 = 0.02;
+
 #[test]
-fn reference_backend_agrees_on_greedy_text() {
+fn reference_and_fast_backends_agree_on_the_real_model() {
     let Some(p) = common::default_model() else { return };
-    let Some(refp) = common::shared("reference/greedy.json") else { return };
     let m = Model::load(&p).unwrap();
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(refp).unwrap()).unwrap();
-    let case = &r["cases"][0];
-    let prompt = case["prompt"].as_str().unwrap();
-    let want = case["continuation"].as_str().unwrap();
-    let n = 16;
-    let ids = greedy_ids(&m, &Cpu::reference(), prompt, n);
-    let got = m.tokenizer.decode(&ids).unwrap();
-    assert!(want.starts_with(&got), "reference backend: {got:?} is not a prefix of {want:?}");
+    let toks = m.tokenizer.encode("The capital of France is", true).unwrap();
+    let run = |b: &Cpu| {
+        let dw = DeviceWeights::new(b, &m.weights).unwrap();
+        let mut s = Session::new(b, &m.config, &dw, 16, 8).unwrap();
+        s.forward(&toks, Logits::From(0)).unwrap().to_vec()
+    };
+    let (r, f) = (run(&Cpu::reference()), run(&Cpu::fast()));
+    let n_vocab = m.config.n_vocab;
+    for t in 0..toks.len() {
+        let (rr, fr) = (&r[t * n_vocab..(t + 1) * n_vocab], &f[t * n_vocab..(t + 1) * n_vocab]);
+        let log_softmax = |v: &[f32]| {
+            let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+            v.iter().map(|&x| x as f64 - lse).collect::<Vec<f64>>()
+        };
+        let (lr, lf) = (log_softmax(rr), log_softmax(fr));
+        let kl: f64 = lr.iter().zip(&lf).map(|(a, b)| a.exp() * (a - b)).sum();
+        eprintln!("position {t}: KL {kl:.5}");
+        assert!(kl < REF_FAST_KL_TOL, "position {t}: KL {kl}");
+        assert_eq!(greedy(rr), greedy(fr), "position {t}: top tokens differ");
+    }
 }
 
 #[test]
