@@ -3,6 +3,9 @@
 //! This cache is the plain fp16 cache (the baseline every compressed strategy is measured
 //! against). Keys are stored after RoPE, so a token's entries never change once written.
 
+pub mod codec;
+pub mod policy;
+
 use anyhow::{bail, Result};
 use half::f16;
 
