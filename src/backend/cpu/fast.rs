@@ -108,7 +108,8 @@ struct Q8Row {
     s: Vec<f32>,
 }
 
-/// Quantizes `x` (a multiple of 32 long) to int8 blocks as llama.cpp's `quantize_row_q8_0`.
+/// Quantizes `x` (a multiple of 32 long) to int8 blocks as llama.cpp's x86 `quantize_row_q8_0`
+/// and `quantize_row_q8_1` do: `x * (127 / amax)` rounded half to even.
 fn quantize_q8(x: &[f32], out: &mut Q8Row) {
     let nb = x.len() / 32;
     out.qs.resize(x.len(), 0);
@@ -119,10 +120,10 @@ fn quantize_q8(x: &[f32], out: &mut Q8Row) {
         let xb = &x[b * 32..(b + 1) * 32];
         let amax = xb.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut s = 0i32;
         for (q, &v) in out.qs[b * 32..(b + 1) * 32].iter_mut().zip(xb) {
-            let r = (v * id).round() as i32;
+            let r = (v * id).round_ties_even() as i32;
             *q = r as i8;
             s += r;
         }
@@ -307,7 +308,8 @@ mod x86 {
                             let dx = *xs[t].d.get_unchecked(b);
                             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), s, acc[t]);
                             if MIN {
-                                tail[t] += m * *xs[t].s.get_unchecked(b);
+                                // llama.cpp's `summs += m * s`, which GCC contracts to an FMA.
+                                tail[t] = m.mul_add(*xs[t].s.get_unchecked(b), tail[t]);
                             } else {
                                 tail[t] -= d * dx * (offset * *xs[t].sum.get_unchecked(b)) as f32;
                             }
@@ -363,29 +365,34 @@ mod x86 {
         s
     }
 
-    /// Dot product of two f16 vectors, products and sums in f32 (as ggml_vec_dot_f16).
+    /// Dot product of two f16 vectors as ggml_vec_dot_f16 computes it with 512-bit vectors: four
+    /// accumulators of 16 lanes over each 64-element step (fused multiply-adds), folded as
+    /// `(a0 + a2) + (a1 + a3)`, the 16 lanes reduced as `_mm512_reduce_add_ps` does (halves,
+    /// then quarters, then pairs), and a tail past the last whole step added in f64.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f16_f16(a: &[half::f16], b: &[half::f16]) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr() as *const u16, b.as_ptr() as *const u16);
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let np = n - n % 64;
         let mut i = 0;
-        while i + 16 <= n {
-            let x0 = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i) as *const __m128i));
-            let y0 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i) as *const __m128i));
-            let x1 = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i + 8) as *const __m128i));
-            let y1 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i + 8) as *const __m128i));
-            acc0 = _mm256_fmadd_ps(x0, y0, acc0);
-            acc1 = _mm256_fmadd_ps(x1, y1, acc1);
-            i += 16;
+        while i < np {
+            for (k, r) in acc.iter_mut().enumerate() {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i + 8 * k) as *const __m128i));
+                let y = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i + 8 * k) as *const __m128i));
+                *r = _mm256_fmadd_ps(x, y, *r);
+            }
+            i += 64;
         }
-        let mut s = hsum(_mm256_add_ps(acc0, acc1));
+        // acc[2j + h] holds lanes 8h..8h+8 of accumulator j.
+        let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+        let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+        let mut s = hsum(_mm256_add_ps(hi, lo)) as f64;
         while i < n {
-            s += a[i].to_f32() * b[i].to_f32();
+            s += (a[i].to_f32() * b[i].to_f32()) as f64;
             i += 1;
         }
-        s
+        s as f32
     }
 
     /// `y = f16(y + x * v)` element-wise, f16 accumulator (as ggml_vec_mad_f16).
@@ -537,7 +544,30 @@ fn dot_f16_f16(a: &[f16], b: &[f16]) -> f32 {
     if simd() != Simd::Scalar {
         return unsafe { x86::dot_f16_f16(a, b) };
     }
-    a.iter().zip(b).map(|(x, y)| x.to_f32() * y.to_f32()).sum()
+    dot_f16_f16_portable(a, b)
+}
+
+/// The same arithmetic as `x86::dot_f16_f16`, lane by lane.
+fn dot_f16_f16_portable(a: &[f16], b: &[f16]) -> f32 {
+    let n = a.len().min(b.len());
+    let np = n - n % 64;
+    let mut acc = [[0.0f32; 16]; 4];
+    for step in (0..np).step_by(64) {
+        for (j, lanes) in acc.iter_mut().enumerate() {
+            for (l, r) in lanes.iter_mut().enumerate() {
+                let k = step + 16 * j + l;
+                *r = a[k].to_f32().mul_add(b[k].to_f32(), *r);
+            }
+        }
+    }
+    let v: [f32; 16] = std::array::from_fn(|l| (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]));
+    let t3: [f32; 8] = std::array::from_fn(|l| v[l + 8] + v[l]);
+    let t6: [f32; 4] = std::array::from_fn(|l| t3[l + 4] + t3[l]);
+    let mut s = ((t6[0] + t6[2]) + (t6[1] + t6[3])) as f64;
+    for k in np..n {
+        s += (a[k].to_f32() * b[k].to_f32()) as f64;
+    }
+    s as f32
 }
 
 fn mad_f16(y: &mut [f16], x: &[f16], v: f32) {
@@ -559,6 +589,35 @@ fn scale_f16(y: &mut [f16], v: f32) {
     }
     for a in y.iter_mut() {
         *a = f16::from_f32(a.to_f32() * v);
+    }
+}
+
+/// ggml's vectorised `expf` (`ggml_v_expf`): a degree-5 polynomial on the reduced argument with
+/// fused multiply-adds, scaled by `2^n`; within a few ulps of `expf`, and what llama.cpp's SiLU uses
+/// on x86, so SwiGLU here rounds as it does there.
+pub fn ggml_expf(x: f32) -> f32 {
+    let c = f32::from_bits;
+    let r = c(0x4b40_0000);
+    let z = x.mul_add(c(0x3fb8_aa3b), r);
+    let n = z - r;
+    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x));
+    let u = b * b;
+    let j = c(0x3c07_2010)
+        .mul_add(b, c(0x3d2b_9f17))
+        .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
+        .mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    let k = n as i32;
+    let (k1, k2) = (k / 2, k - k / 2);
+    j * 2.0f32.powi(k1) * 2.0f32.powi(k2)
+}
+
+/// SwiGLU's gate in place as ggml computes it: `gate = gate / (1 + ggml_expf(-gate)) * up`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = (*g / (1.0 + ggml_expf(0.0 - *g))) * u;
     }
 }
 
@@ -599,8 +658,9 @@ pub fn rope(x: &mut [f32], pos0: usize, p: &RopeParams) {
                     RopeStyle::Neox => (i, i + half),
                 };
                 let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * cos - x1 * sin;
-                head[b] = x0 * sin + x1 * cos;
+                // ggml's `x0*cos - x1*sin` and `x0*sin + x1*cos` as GCC contracts them.
+                head[a] = x0.mul_add(cos, -(x1 * sin));
+                head[b] = x1.mul_add(cos, x0 * sin);
             }
         }
     }
@@ -656,7 +716,7 @@ pub fn attention(
                     (1.0, (s - m).exp())
                 };
                 mad_f16(acc, &vh[j * head_dim..][..head_dim], vs);
-                total = total * ms + vs;
+                total = total.mul_add(ms, vs);
             }
             let inv = 1.0 / total;
             for (o, a) in oh.iter_mut().zip(acc.iter()) {

@@ -133,7 +133,10 @@ impl Backend for Cpu {
 
     fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, n: usize) -> Result<()> {
         check_len("silu_mul", gate.len().min(up.len()), n)?;
-        reference::silu_mul(&mut gate[..n], &up[..n]);
+        match self.kind {
+            CpuKind::Reference => reference::silu_mul(&mut gate[..n], &up[..n]),
+            CpuKind::Fast => fast::silu_mul(&mut gate[..n], &up[..n]),
+        }
         Ok(())
     }
 
