@@ -124,14 +124,16 @@ impl Part {
         }
         let n_out = self.out.len();
         let mut oi = 0;
+        let mut aj = [0f32; MAX_RANK];
         self.q.for_rows(out.len(), |j, row| {
             let mut s = dot(q, row);
             if r > 0 {
-                s += self.lr.a_dot(j, &bq[..r]);
+                self.lr.a_row(j, &mut aj[..r]);
+                s += dot(&aj[..r], &bq[..r]);
             }
-            while oi < n_out && self.out.pos(oi) / d == j {
-                let c = self.out.pos(oi) % d;
-                let dense = row[c] + if r > 0 { self.lr.entry(j, c) } else { 0.0 };
+            while oi < n_out && self.out.pos(oi) < (j + 1) * d {
+                let c = self.out.pos(oi) - j * d;
+                let dense = row[c] + if r > 0 { self.lr.entry_with(&aj[..r], c) } else { 0.0 };
                 s += q[c] * (self.out.value(oi) - dense);
                 oi += 1;
             }
@@ -147,15 +149,17 @@ impl Part {
         let mut pa = [0f32; MAX_RANK];
         let n_out = self.out.len();
         let mut oi = 0;
+        let mut aj = [0f32; MAX_RANK];
         self.q.for_rows(p.len(), |j, row| {
             let pj = p[j];
             axpy(out, pj, row);
             if r > 0 {
-                self.lr.a_axpy(j, pj, &mut pa[..r]);
+                self.lr.a_row(j, &mut aj[..r]);
+                axpy(&mut pa[..r], pj, &aj[..r]);
             }
-            while oi < n_out && self.out.pos(oi) / d == j {
-                let c = self.out.pos(oi) % d;
-                let dense = row[c] + if r > 0 { self.lr.entry(j, c) } else { 0.0 };
+            while oi < n_out && self.out.pos(oi) < (j + 1) * d {
+                let c = self.out.pos(oi) - j * d;
+                let dense = row[c] + if r > 0 { self.lr.entry_with(&aj[..r], c) } else { 0.0 };
                 out[c] += pj * (self.out.value(oi) - dense);
                 oi += 1;
             }

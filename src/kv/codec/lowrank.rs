@@ -129,20 +129,20 @@ impl LowRank {
         }
     }
 
-    /// `A_j · v` for a length-`rank` vector `v`.
+    /// Row `j` of `A` into `out` (`rank` values).
     #[inline]
-    pub(crate) fn a_dot(&self, j: usize, v: &[f32]) -> f32 {
+    pub(crate) fn a_row(&self, j: usize, out: &mut [f32]) {
         let r = self.rank;
-        self.a[j * r..(j + 1) * r].iter().zip(v).map(|(a, &v)| a.to_f32() * v).sum()
+        for (o, a) in out.iter_mut().zip(&self.a[j * r..(j + 1) * r]) {
+            *o = a.to_f32();
+        }
     }
 
-    /// `acc += p * A_j`.
+    /// Entry `(j, c)` of `A Bᵀ` given row `j` of `A` (`aj`, from `a_row`).
     #[inline]
-    pub(crate) fn a_axpy(&self, j: usize, p: f32, acc: &mut [f32]) {
+    pub(crate) fn entry_with(&self, aj: &[f32], c: usize) -> f32 {
         let r = self.rank;
-        for (s, a) in acc.iter_mut().zip(&self.a[j * r..(j + 1) * r]) {
-            *s += p * a.to_f32();
-        }
+        aj.iter().zip(&self.b[c * r..(c + 1) * r]).map(|(&a, b)| a * b.to_f32()).sum()
     }
 
     /// Entry `(j, c)` of `A Bᵀ`.
