@@ -5,8 +5,38 @@
 //! against the stored keys, and the weighted sum `sum_j p_j v_j` of the stored values. Each KV
 //! head keeps its own tokens in arrival order (eviction can differ per head, as H2O's does);
 //! `evict` removes tokens of one head by their index in that order.
+//!
+//! Codecs: `fp16` (the baseline), `uniform` (per-token min/max quantization), `group` (KIVI:
+//! keys per channel, values per token, in groups), `gear` (GEAR: a quantized backbone, exact
+//! sparse outliers and a low-rank residual). `make_codec` builds one from a name and
+//! `CodecParams`; each codec's config has a `formula_bytes` that `bytes()` must equal.
+//!
+//! Bytes count the payload arrays (codes, scales, factors, outliers, fp16 rows); per-block
+//! bookkeeping (a block's row count, the row counts of its key groups) is not counted: it is a
+//! few words per block, not per token.
 
-use anyhow::Result;
+mod blocked;
+pub mod fp16;
+pub mod gear;
+pub mod group;
+mod lowrank;
+mod pack;
+mod quant;
+mod sparse;
+pub mod uniform;
+
+pub use fp16::Fp16Codec;
+pub use gear::{GearCodec, GearConfig};
+pub use group::{GroupCodec, GroupConfig};
+pub use uniform::{UniformCodec, UniformConfig};
+
+use anyhow::{bail, Result};
+use half::f16;
+
+/// Largest head size a codec accepts (rows are decoded into stack buffers of this size).
+pub const MAX_HEAD_DIM: usize = 512;
+/// Largest low-rank rank GEAR accepts.
+pub const MAX_RANK: usize = 64;
 
 /// Bytes a codec holds, by component. Every figure is what is resident, not a simulation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -59,4 +89,157 @@ pub trait Codec: Send + Sync {
     fn bytes(&self) -> KvBytes;
     /// Key and value of token `j` for head `g`, decoded (tests and diagnostics only).
     fn decode_token(&self, g: usize, j: usize, k: &mut [f32], v: &mut [f32]);
+}
+
+/// GEAR's backbone quantization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backbone {
+    /// KIVI layout: keys per channel over groups of `group` tokens, values per token over
+    /// groups of `group` channels.
+    Group,
+    /// Per token (and head), over all `head_dim` channels, for K and V.
+    Uniform,
+}
+
+impl std::str::FromStr for Backbone {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Backbone> {
+        match s {
+            "group" => Ok(Backbone::Group),
+            "uniform" => Ok(Backbone::Uniform),
+            _ => bail!("unknown GEAR backbone {s:?} (expected group or uniform)"),
+        }
+    }
+}
+
+impl std::fmt::Display for Backbone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backbone::Group => "group",
+            Backbone::Uniform => "uniform",
+        })
+    }
+}
+
+/// Codec parameters as configured; `None` takes the codec's default. A parameter a codec does
+/// not use is an error, so a typo in a sweep does not silently run the default.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CodecParams {
+    /// Quantization bits: 2, 3, 4 or 8 (default 4).
+    pub bits: Option<u32>,
+    /// KIVI group size G (tokens per key group, channels per value group; default 32).
+    pub group: Option<usize>,
+    /// `group`: fp16 tokens kept until they fill whole groups (a multiple of G; default G).
+    pub residual: Option<usize>,
+    /// `gear`: rank of the prompt's low-rank term (default 4).
+    pub rank: Option<usize>,
+    /// `gear`: rank of blocks compressed while decoding (default 2).
+    pub rank_decode: Option<usize>,
+    /// `gear`: power-iteration steps (default 3).
+    pub iters: Option<usize>,
+    /// `gear`: fraction of entries kept as exact outliers, in [0, 1) (default 0.02).
+    pub outliers: Option<f64>,
+    /// `uniform`, `gear`: fp16 buffer of recent tokens, compressed when it fills (default 20;
+    /// `gear` with the group backbone 64).
+    pub buffer: Option<usize>,
+    /// `gear`: backbone quantization (default group).
+    pub backbone: Option<Backbone>,
+}
+
+impl CodecParams {
+    /// Names of the parameters that are set.
+    fn set_names(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let mut add = |set: bool, name| {
+            if set {
+                v.push(name)
+            }
+        };
+        add(self.bits.is_some(), "bits");
+        add(self.group.is_some(), "group");
+        add(self.residual.is_some(), "residual");
+        add(self.rank.is_some(), "rank");
+        add(self.rank_decode.is_some(), "rank_decode");
+        add(self.iters.is_some(), "iters");
+        add(self.outliers.is_some(), "outliers");
+        add(self.buffer.is_some(), "buffer");
+        add(self.backbone.is_some(), "backbone");
+        v
+    }
+
+    /// Fails when a parameter outside `allowed` is set for codec `codec`.
+    fn only(&self, codec: &str, allowed: &[&str]) -> Result<()> {
+        for name in self.set_names() {
+            if !allowed.contains(&name) {
+                bail!("parameter {name} does not apply to codec {codec} (it takes: {})", if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds codec `name` (fp16, uniform, group, gear) for `n_kv_heads` heads of `head_dim`;
+/// `seed` seeds GEAR's power iteration.
+pub fn make_codec(name: &str, params: &CodecParams, n_kv_heads: usize, head_dim: usize, seed: u64) -> Result<Box<dyn Codec>> {
+    Ok(match name {
+        "fp16" => {
+            params.only("fp16", &[])?;
+            Box::new(Fp16Codec::new(n_kv_heads, head_dim)?)
+        }
+        "uniform" => Box::new(UniformCodec::new(n_kv_heads, head_dim, UniformConfig::from_params(params)?)?),
+        "group" => Box::new(GroupCodec::new(n_kv_heads, head_dim, GroupConfig::from_params(params)?)?),
+        "gear" => Box::new(GearCodec::new(n_kv_heads, head_dim, GearConfig::from_params(params)?, seed)?),
+        _ => bail!("unknown KV codec {name:?} (expected fp16, uniform, group or gear)"),
+    })
+}
+
+pub(crate) fn check_shape(n_kv_heads: usize, head_dim: usize) -> Result<()> {
+    if n_kv_heads == 0 {
+        bail!("a KV codec needs at least one KV head");
+    }
+    if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+        bail!("head_dim {head_dim} is outside 1..={MAX_HEAD_DIM}");
+    }
+    Ok(())
+}
+
+pub(crate) fn check_bits(bits: u32) -> Result<()> {
+    if ![2, 3, 4, 8].contains(&bits) {
+        bail!("bits = {bits}: quantization supports 2, 3, 4 or 8 bits");
+    }
+    Ok(())
+}
+
+/// Checks eviction indices: ascending, distinct, each `< len`.
+pub(crate) fn check_evict(idx: &[usize], len: usize) -> Result<()> {
+    for w in idx.windows(2) {
+        if w[0] >= w[1] {
+            bail!("evict: indices must be ascending and distinct ({} then {})", w[0], w[1]);
+        }
+    }
+    if let Some(&last) = idx.last() {
+        if last >= len {
+            bail!("evict: index {last} out of range (the head holds {len} tokens)");
+        }
+    }
+    Ok(())
+}
+
+/// Removes rows `rows` (ascending, in range) of a `[n, d]` f16 matrix, in place.
+pub(crate) fn remove_f16_rows(m: &mut Vec<f16>, d: usize, rows: &[usize]) {
+    let n = m.len() / d;
+    let mut keep = 0;
+    let mut r = 0;
+    for j in 0..n {
+        if r < rows.len() && rows[r] == j {
+            r += 1;
+            continue;
+        }
+        if keep != j {
+            m.copy_within(j * d..(j + 1) * d, keep * d);
+        }
+        keep += 1;
+    }
+    m.truncate(keep * d);
 }

@@ -1,0 +1,401 @@
+//! The storage shared by the compressed codecs (uniform, group, GEAR): per KV head, a list of
+//! compressed blocks followed by a recent fp16 buffer, tokens in arrival order.
+//!
+//! Buffering: appended tokens (rounded to f16, as the fp16 cache stores them) go to the head's
+//! buffer. After an append, when the buffer holds at least `flush` tokens, its oldest
+//! `floor(len / flush) * flush` tokens are compressed into one new block and the rest stay in
+//! fp16. Without eviction the buffer therefore holds `n_tokens mod flush` tokens: a prompt of `n`
+//! tokens is compressed at once except its last `n mod flush`, and decoding compresses one block
+//! of `flush` tokens every `flush` steps.
+//!
+//! A block stores K and V as `Part`s: the backbone quantization of `X - S` (`QuantMatrix`), and
+//! for GEAR the sparse outliers `S` and the low-rank factors of the residual. A token's decoded
+//! value is `deq(Q) + A Bᵀ` off the outliers' positions and the outlier's exact value on them.
+//!
+//! Eviction drops a token's row everywhere it has one (codes, per-token scales, its row of `A`,
+//! its outliers) and compacts the arrays; what is shared by rows (per-channel key scales of a row
+//! group, `B`) stays, so the surviving tokens decode bit-identically. A block left with no rows is
+//! freed whole.
+//!
+//! `scores` and `weighted_values` work block by block on the packed data: each row's codes are
+//! unpacked into a stack buffer, never the whole cache, and nothing is allocated per call.
+
+use anyhow::{bail, Result};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use super::lowrank::LowRank;
+use super::quant::{Layout, QuantMatrix};
+use super::sparse::{outlier_count, Outliers};
+use super::{KvBytes, MAX_HEAD_DIM, MAX_RANK};
+use crate::rng::Rng;
+
+/// GEAR's extra terms.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct GearScheme {
+    /// Rank of blocks compressed by an append of more than one token (the prompt).
+    pub rank: usize,
+    /// Rank of blocks compressed by a one-token append (decoding).
+    pub rank_decode: usize,
+    pub iters: usize,
+    /// Fraction of each block's K (and V) entries kept as exact outliers.
+    pub outliers: f64,
+    pub seed: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Scheme {
+    pub bits: u32,
+    pub k_layout: Layout,
+    pub v_layout: Layout,
+    pub flush: usize,
+    pub gear: Option<GearScheme>,
+}
+
+#[derive(Clone, Debug)]
+struct Part {
+    q: QuantMatrix,
+    out: Outliers,
+    lr: LowRank,
+}
+
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline]
+fn axpy(out: &mut [f32], p: f32, x: &[f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o += p * v;
+    }
+}
+
+impl Part {
+    /// Compresses `x` (`[n, d]`, used as scratch) with rank `rank` (GEAR) or as a plain quantized
+    /// matrix (`gear` is `None`).
+    fn compress(x: &mut [f32], n: usize, d: usize, bits: u32, layout: Layout, gear: Option<(&GearScheme, usize)>, rng: &mut Rng) -> Part {
+        let (out, skip) = match gear {
+            Some((g, _)) => Outliers::extract(x, outlier_count(g.outliers, n * d)),
+            None => (Outliers::default(), Vec::new()),
+        };
+        let q = QuantMatrix::quantize(x, n, d, bits, layout);
+        let lr = match gear {
+            Some((g, rank)) if rank > 0 => {
+                q.for_rows(n, |j, row| {
+                    for (v, &dq) in x[j * d..(j + 1) * d].iter_mut().zip(row) {
+                        *v -= dq;
+                    }
+                });
+                for &p in &skip {
+                    x[p as usize] = 0.0;
+                }
+                LowRank::fit(x, n, d, rank, g.iters, rng, &skip)
+            }
+            _ => LowRank::default(),
+        };
+        Part { q, out, lr }
+    }
+
+    fn add_bytes(&self, b: &mut KvBytes) {
+        b.codes += self.q.code_bytes();
+        b.scales += self.q.scale_bytes();
+        b.lowrank += self.lr.bytes();
+        b.outliers += self.out.bytes();
+    }
+
+    /// `out[j] = q . x_j` for the first `out.len()` rows.
+    #[inline]
+    fn scores(&self, q: &[f32], out: &mut [f32]) {
+        let d = q.len();
+        let r = self.lr.rank;
+        let mut bq = [0f32; MAX_RANK];
+        if r > 0 {
+            self.lr.bt_times(q, &mut bq);
+        }
+        let n_out = self.out.len();
+        let mut oi = 0;
+        let mut aj = [0f32; MAX_RANK];
+        self.q.for_rows(out.len(), |j, row| {
+            let mut s = dot(q, row);
+            if r > 0 {
+                self.lr.a_row(j, &mut aj[..r]);
+                s += dot(&aj[..r], &bq[..r]);
+            }
+            while oi < n_out && self.out.pos(oi) < (j + 1) * d {
+                let c = self.out.pos(oi) - j * d;
+                let dense = row[c] + if r > 0 { self.lr.entry_with(&aj[..r], c) } else { 0.0 };
+                s += q[c] * (self.out.value(oi) - dense);
+                oi += 1;
+            }
+            out[j] = s;
+        });
+    }
+
+    /// `out += sum_j p[j] x_j` over the first `p.len()` rows.
+    #[inline]
+    fn weighted(&self, p: &[f32], out: &mut [f32]) {
+        let d = out.len();
+        let r = self.lr.rank;
+        let mut pa = [0f32; MAX_RANK];
+        let n_out = self.out.len();
+        let mut oi = 0;
+        let mut aj = [0f32; MAX_RANK];
+        self.q.for_rows(p.len(), |j, row| {
+            let pj = p[j];
+            axpy(out, pj, row);
+            if r > 0 {
+                self.lr.a_row(j, &mut aj[..r]);
+                axpy(&mut pa[..r], pj, &aj[..r]);
+            }
+            while oi < n_out && self.out.pos(oi) < (j + 1) * d {
+                let c = self.out.pos(oi) - j * d;
+                let dense = row[c] + if r > 0 { self.lr.entry_with(&aj[..r], c) } else { 0.0 };
+                out[c] += pj * (self.out.value(oi) - dense);
+                oi += 1;
+            }
+        });
+        if r > 0 {
+            self.lr.add_b_times(&pa[..r], out);
+        }
+    }
+
+    fn decode_row(&self, j: usize, dst: &mut [f32]) {
+        let d = dst.len();
+        self.q.decode_row(j, dst);
+        if self.lr.rank > 0 {
+            for (c, v) in dst.iter_mut().enumerate() {
+                *v += self.lr.entry(j, c);
+            }
+        }
+        for i in 0..self.out.len() {
+            let p = self.out.pos(i);
+            if p / d == j {
+                dst[p % d] = self.out.value(i);
+            }
+        }
+    }
+
+    fn remove_rows(&mut self, rows: &[usize], d: usize) {
+        self.q.remove_rows(rows);
+        self.lr.remove_rows(rows);
+        self.out.remove_rows(rows, d);
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    n: usize,
+    k: Part,
+    v: Part,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Head {
+    blocks: Vec<Block>,
+    n_compressed: usize,
+    buf_k: Vec<f16>,
+    buf_v: Vec<f16>,
+    /// Blocks compressed so far (seeds the power iteration; eviction does not change it).
+    made: u64,
+}
+
+/// One layer's compressed K/V: the state behind `UniformCodec`, `GroupCodec` and `GearCodec`.
+#[derive(Clone, Debug)]
+pub(crate) struct Blocked {
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub scheme: Scheme,
+    heads: Vec<Head>,
+}
+
+/// The power-iteration seed of block `blk` of head `g`.
+fn block_seed(seed: u64, g: usize, blk: u64) -> u64 {
+    seed ^ (g as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ blk.wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+impl Blocked {
+    pub(crate) fn new(n_kv_heads: usize, head_dim: usize, scheme: Scheme) -> Blocked {
+        Blocked { n_kv_heads, head_dim, scheme, heads: vec![Head::default(); n_kv_heads] }
+    }
+
+    pub(crate) fn append(&mut self, k: &[f32], v: &[f32], n_tokens: usize) -> Result<()> {
+        let (h_n, d) = (self.n_kv_heads, self.head_dim);
+        let want = n_tokens.checked_mul(h_n * d);
+        if want != Some(k.len()) || want != Some(v.len()) {
+            bail!("append of {n_tokens} tokens needs {n_tokens} x {h_n} x {d} values for K and V, got {} and {}", k.len(), v.len());
+        }
+        let scheme = self.scheme;
+        for (g, head) in self.heads.iter_mut().enumerate() {
+            head.buf_k.reserve(n_tokens * d);
+            head.buf_v.reserve(n_tokens * d);
+            for t in 0..n_tokens {
+                let src = t * h_n * d + g * d;
+                head.buf_k.extend(k[src..src + d].iter().map(|&x| f16::from_f32(x)));
+                head.buf_v.extend(v[src..src + d].iter().map(|&x| f16::from_f32(x)));
+            }
+            let n_buf = head.buf_k.len() / d;
+            if n_buf < scheme.flush {
+                continue;
+            }
+            let m = n_buf / scheme.flush * scheme.flush;
+            let mut xk = vec![0f32; m * d];
+            let mut xv = vec![0f32; m * d];
+            head.buf_k[..m * d].convert_to_f32_slice(&mut xk);
+            head.buf_v[..m * d].convert_to_f32_slice(&mut xv);
+            let gear = scheme.gear.as_ref().map(|gs| (gs, if n_tokens > 1 { gs.rank } else { gs.rank_decode }));
+            let mut rng = Rng::new(block_seed(scheme.gear.map_or(0, |gs| gs.seed), g, head.made));
+            let kp = Part::compress(&mut xk, m, d, scheme.bits, scheme.k_layout, gear, &mut rng);
+            let vp = Part::compress(&mut xv, m, d, scheme.bits, scheme.v_layout, gear, &mut rng);
+            head.blocks.push(Block { n: m, k: kp, v: vp });
+            head.n_compressed += m;
+            head.made += 1;
+            head.buf_k.drain(..m * d);
+            head.buf_v.drain(..m * d);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn len(&self, g: usize) -> usize {
+        self.heads.get(g).map_or(0, |h| h.n_compressed + h.buf_k.len() / self.head_dim)
+    }
+
+    /// Tokens of head `g` held compressed and in the fp16 buffer.
+    pub(crate) fn split_len(&self, g: usize) -> (usize, usize) {
+        self.heads.get(g).map_or((0, 0), |h| (h.n_compressed, h.buf_k.len() / self.head_dim))
+    }
+
+    pub(crate) fn scores(&self, g: usize, q: &[f32], out: &mut [f32]) {
+        let d = self.head_dim;
+        let Some(head) = self.heads.get(g).filter(|_| q.len() == d) else {
+            out.fill(f32::NAN);
+            return;
+        };
+        let mut off = 0;
+        for b in &head.blocks {
+            if off >= out.len() {
+                return;
+            }
+            let m = (out.len() - off).min(b.n);
+            b.k.scores(q, &mut out[off..off + m]);
+            off += m;
+        }
+        let mut row = [0f32; MAX_HEAD_DIM];
+        for (o, kr) in out[off..].iter_mut().zip(head.buf_k.chunks_exact(d)) {
+            kr.convert_to_f32_slice(&mut row[..d]);
+            *o = dot(q, &row[..d]);
+            off += 1;
+        }
+        out[off..].fill(f32::NEG_INFINITY);
+    }
+
+    pub(crate) fn weighted_values(&self, g: usize, p: &[f32], out: &mut [f32]) {
+        let d = self.head_dim;
+        let Some(head) = self.heads.get(g).filter(|_| out.len() == d) else { return };
+        let mut off = 0;
+        for b in &head.blocks {
+            if off >= p.len() {
+                return;
+            }
+            let m = (p.len() - off).min(b.n);
+            b.v.weighted(&p[off..off + m], out);
+            off += m;
+        }
+        let mut row = [0f32; MAX_HEAD_DIM];
+        for (&pj, vr) in p[off..].iter().zip(head.buf_v.chunks_exact(d)) {
+            vr.convert_to_f32_slice(&mut row[..d]);
+            axpy(out, pj, &row[..d]);
+        }
+    }
+
+    pub(crate) fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()> {
+        let d = self.head_dim;
+        let len = self.len(g);
+        let Some(head) = self.heads.get_mut(g) else { bail!("evict: KV head {g} of {}", self.n_kv_heads) };
+        super::check_evict(idx, len)?;
+        let mut i = 0;
+        let mut off = 0;
+        let mut local = Vec::new();
+        for b in head.blocks.iter_mut() {
+            local.clear();
+            while i < idx.len() && idx[i] < off + b.n {
+                local.push(idx[i] - off);
+                i += 1;
+            }
+            off += b.n;
+            if !local.is_empty() {
+                b.k.remove_rows(&local, d);
+                b.v.remove_rows(&local, d);
+                b.n -= local.len();
+                head.n_compressed -= local.len();
+            }
+        }
+        head.blocks.retain(|b| b.n > 0);
+        if i < idx.len() {
+            let rows: Vec<usize> = idx[i..].iter().map(|&j| j - off).collect();
+            super::remove_f16_rows(&mut head.buf_k, d, &rows);
+            super::remove_f16_rows(&mut head.buf_v, d, &rows);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn bytes(&self) -> KvBytes {
+        let mut b = KvBytes::default();
+        for h in &self.heads {
+            for blk in &h.blocks {
+                blk.k.add_bytes(&mut b);
+                blk.v.add_bytes(&mut b);
+            }
+            b.fp16 += (h.buf_k.len() + h.buf_v.len()) * 2;
+        }
+        b
+    }
+
+    pub(crate) fn decode_token(&self, g: usize, j: usize, k: &mut [f32], v: &mut [f32]) {
+        let d = self.head_dim;
+        let ok = k.len() == d && v.len() == d && j < self.len(g);
+        let Some(head) = self.heads.get(g).filter(|_| ok) else {
+            k.fill(f32::NAN);
+            v.fill(f32::NAN);
+            return;
+        };
+        let mut off = 0;
+        for b in &head.blocks {
+            if j < off + b.n {
+                b.k.decode_row(j - off, k);
+                b.v.decode_row(j - off, v);
+                return;
+            }
+            off += b.n;
+        }
+        let r = j - off;
+        head.buf_k[r * d..(r + 1) * d].convert_to_f32_slice(k);
+        head.buf_v[r * d..(r + 1) * d].convert_to_f32_slice(v);
+    }
+
+    /// Outliers of head `g`'s K (`key = true`) or V, as (token index, channel, value), for tests.
+    #[cfg(test)]
+    pub(crate) fn outliers(&self, g: usize, key: bool) -> Vec<(usize, usize, f32)> {
+        let d = self.head_dim;
+        let mut res = Vec::new();
+        let mut off = 0;
+        for b in &self.heads[g].blocks {
+            let part = if key { &b.k } else { &b.v };
+            for i in 0..part.out.len() {
+                let p = part.out.pos(i);
+                res.push((off + p / d, p % d, part.out.value(i)));
+            }
+            off += b.n;
+        }
+        res
+    }
+}

@@ -1,0 +1,286 @@
+//! GEAR (Kang et al., 2024, arXiv 2403.05527): a quantized backbone, exact sparse outliers and a
+//! low-rank approximation of the quantization residual, per KV head and block of tokens.
+//!
+//! For a block's K (and separately V), `X` (`[n, head_dim]`, the f16 values the cache holds):
+//! 1. Outliers `S`: the `floor(s n head_dim)` entries of largest `|x|` (both signs; ties to the
+//!    lower index), stored as (index, f16 value) pairs — exact, since `X` is f16 — and zeroed.
+//! 2. Backbone `Q`: `X - S` quantized to `bits` bits with `2^bits - 1` steps, either in KIVI's
+//!    layout (`Backbone::Group`: keys per channel over G-token groups, values per token over
+//!    G-channel groups) or per token (`Backbone::Uniform`).
+//! 3. Low rank: the residual `R = X - S - deq(Q)` (zero on the outliers' positions) approximated
+//!    by `A Bᵀ`, `A` `[n, r]`, `B` `[head_dim, r]` in f16, from `iters` power-iteration steps
+//!    started from normal vectors seeded by (codec seed, head, block number). `r = rank` for a
+//!    block compressed by an append of more than one token (the prompt), `rank_decode` for one
+//!    compressed while decoding (one-token appends).
+//! 4. Streaming: a recent fp16 buffer of `buffer` (nb) tokens; after an append, when it holds nb
+//!    tokens or more, its oldest `floor(len / nb) * nb` tokens become one block. The prompt is
+//!    compressed at once (as one block of whole buffers; its last `n mod nb` tokens stay in
+//!    fp16), and decoding compresses one block every nb steps.
+//!
+//! Decoded value: `deq(Q) + A Bᵀ` off the outliers' positions and the outlier's own value on
+//! them. (The paper writes `X ≈ D + L + S`; `D` and `L` only approximate the zero quantized in
+//! place of an outlier, so we mask them there and outliers come back exactly.)
+//!
+//! Eviction (GEAR + H2O): an evicted token's row of codes and per-token scales, its row of `A` and
+//! its outliers are dropped and the arrays compacted; `B`, per-channel key scales and the other
+//! rows stay, so survivors decode bit-identically. A block left empty is freed.
+//!
+//! This follows the paper's definitions: the outlier count is a fraction of all the block's
+//! entries and `b` bits give `2^b - 1` steps. The public reference code differs: it picks
+//! outliers per channel (a per-channel count) and quantizes with `b^2 - 1` levels.
+
+use anyhow::{bail, Result};
+
+use super::blocked::{Blocked, GearScheme, Scheme};
+use super::pack::row_bytes;
+use super::quant::{scale_bytes_for, Layout};
+use super::sparse::{index_bytes, outlier_count};
+use super::{check_bits, check_shape, Backbone, Codec, CodecParams, KvBytes, MAX_RANK};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GearConfig {
+    pub bits: u32,
+    pub backbone: Backbone,
+    /// G for the group backbone (tokens per key group, channels per value group).
+    pub group: usize,
+    /// Rank of the prompt's blocks.
+    pub rank: usize,
+    /// Rank of blocks compressed while decoding.
+    pub rank_decode: usize,
+    /// Power-iteration steps.
+    pub iters: usize,
+    /// Fraction of entries kept as exact outliers, in [0, 1).
+    pub outliers: f64,
+    /// nb: fp16 buffer of recent tokens (a multiple of G for the group backbone).
+    pub buffer: usize,
+}
+
+impl Default for GearConfig {
+    fn default() -> GearConfig {
+        GearConfig { bits: 4, backbone: Backbone::Group, group: 32, rank: 4, rank_decode: 2, iters: 3, outliers: 0.02, buffer: 64 }
+    }
+}
+
+impl GearConfig {
+    pub fn from_params(p: &CodecParams) -> Result<GearConfig> {
+        let backbone = p.backbone.unwrap_or(Backbone::Group);
+        let mut allowed = vec!["bits", "backbone", "rank", "rank_decode", "iters", "outliers", "buffer"];
+        if backbone == Backbone::Group {
+            allowed.push("group");
+        }
+        p.only(&format!("gear(backbone={backbone})"), &allowed)?;
+        let d = GearConfig::default();
+        let c = GearConfig {
+            bits: p.bits.unwrap_or(d.bits),
+            backbone,
+            group: p.group.unwrap_or(d.group),
+            rank: p.rank.unwrap_or(d.rank),
+            rank_decode: p.rank_decode.unwrap_or(d.rank_decode),
+            iters: p.iters.unwrap_or(d.iters),
+            outliers: p.outliers.unwrap_or(d.outliers),
+            buffer: p.buffer.unwrap_or(match backbone {
+                Backbone::Group => 64,
+                Backbone::Uniform => 20,
+            }),
+        };
+        c.validate_params()?;
+        Ok(c)
+    }
+
+    fn validate_params(&self) -> Result<()> {
+        check_bits(self.bits)?;
+        if self.rank > MAX_RANK || self.rank_decode > MAX_RANK {
+            bail!("gear: rank {} / rank_decode {} above the maximum {MAX_RANK}", self.rank, self.rank_decode);
+        }
+        if self.iters == 0 && (self.rank > 0 || self.rank_decode > 0) {
+            bail!("gear: iters must be at least 1 when a rank is non-zero");
+        }
+        if !(self.outliers >= 0.0 && self.outliers < 1.0) {
+            bail!("gear: outliers = {} must be a fraction in [0, 1)", self.outliers);
+        }
+        if self.buffer == 0 {
+            bail!("gear: buffer must be at least 1 token");
+        }
+        if self.backbone == Backbone::Group {
+            if self.group == 0 {
+                bail!("gear: group size must be at least 1");
+            }
+            if self.buffer % self.group != 0 {
+                bail!("gear: buffer {} must be a multiple of the group size {} (keys are grouped by token)", self.buffer, self.group);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self, head_dim: usize) -> Result<()> {
+        self.validate_params()?;
+        if self.backbone == Backbone::Group && head_dim % self.group != 0 {
+            bail!("gear: group size {} does not divide head_dim {head_dim} (values are grouped by channel)", self.group);
+        }
+        if self.rank > head_dim || self.rank_decode > head_dim {
+            bail!("gear: rank {} / rank_decode {} above head_dim {head_dim}", self.rank, self.rank_decode);
+        }
+        Ok(())
+    }
+
+    fn layouts(&self, head_dim: usize) -> (Layout, Layout) {
+        match self.backbone {
+            Backbone::Group => (Layout::Channel { group: self.group }, Layout::Token { group: self.group }),
+            Backbone::Uniform => (Layout::Token { group: head_dim }, Layout::Token { group: head_dim }),
+        }
+    }
+
+    /// Bytes of one head's block of `m` tokens at rank `r`, K and V.
+    pub fn block_bytes(&self, head_dim: usize, m: usize, r: usize) -> KvBytes {
+        let (kl, vl) = self.layouts(head_dim);
+        let entries = m * head_dim;
+        KvBytes {
+            codes: 2 * m * row_bytes(head_dim, self.bits),
+            scales: scale_bytes_for(kl, m, head_dim) + scale_bytes_for(vl, m, head_dim),
+            lowrank: if r > 0 { 2 * (m + head_dim) * r * 2 } else { 0 },
+            outliers: 2 * outlier_count(self.outliers, entries) * (index_bytes(entries) + 2),
+            ..KvBytes::default()
+        }
+    }
+
+    /// Bytes after a prompt of `n_prompt` tokens (one append) and `n_decode` one-token appends,
+    /// with no eviction. The prompt makes one block of `m0 = n_prompt - n_prompt mod nb` tokens at
+    /// rank `rank` (at `rank_decode` if the prompt is a single token); decoding makes a block of nb
+    /// tokens at `rank_decode` each time the buffer fills; `(n_prompt + n_decode) mod nb` tokens
+    /// stay in fp16. A block of `m` tokens holds, for K and V each, `m ceil(head_dim bits / 8)`
+    /// code bytes, its backbone's (step, zero) pairs, `(m + head_dim) r` f16 factors and
+    /// `floor(s m head_dim)` outliers of (2- or 4-byte index, f16 value).
+    pub fn formula_bytes(&self, n_kv_heads: usize, head_dim: usize, n_prompt: usize, n_decode: usize) -> KvBytes {
+        let nb = self.buffer;
+        let mut per_head = KvBytes::default();
+        let m0 = n_prompt / nb * nb;
+        if m0 > 0 {
+            per_head.add(&self.block_bytes(head_dim, m0, if n_prompt > 1 { self.rank } else { self.rank_decode }));
+        }
+        let total = n_prompt + n_decode;
+        let n_decode_blocks = (total / nb * nb - m0) / nb;
+        let decode_block = self.block_bytes(head_dim, nb, self.rank_decode);
+        for _ in 0..n_decode_blocks {
+            per_head.add(&decode_block);
+        }
+        per_head.fp16 = 2 * (total % nb) * head_dim * 2;
+        let mut all = KvBytes::default();
+        for _ in 0..n_kv_heads {
+            all.add(&per_head);
+        }
+        all
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GearCodec {
+    config: GearConfig,
+    seed: u64,
+    inner: Blocked,
+}
+
+impl GearCodec {
+    pub fn new(n_kv_heads: usize, head_dim: usize, config: GearConfig, seed: u64) -> Result<GearCodec> {
+        check_shape(n_kv_heads, head_dim)?;
+        config.validate(head_dim)?;
+        let (k_layout, v_layout) = config.layouts(head_dim);
+        let gear = GearScheme { rank: config.rank, rank_decode: config.rank_decode, iters: config.iters, outliers: config.outliers, seed };
+        let scheme = Scheme { bits: config.bits, k_layout, v_layout, flush: config.buffer, gear: Some(gear) };
+        Ok(GearCodec { config, seed, inner: Blocked::new(n_kv_heads, head_dim, scheme) })
+    }
+
+    pub fn config(&self) -> GearConfig {
+        self.config
+    }
+
+    /// Tokens of head `g` held compressed and in the fp16 buffer.
+    pub fn split_len(&self, g: usize) -> (usize, usize) {
+        self.inner.split_len(g)
+    }
+
+    /// Head `g`'s outliers of K (`key`) or V as (token index, channel, value).
+    #[cfg(test)]
+    pub(crate) fn outliers(&self, g: usize, key: bool) -> Vec<(usize, usize, f32)> {
+        self.inner.outliers(g, key)
+    }
+}
+
+impl Codec for GearCodec {
+    fn describe(&self) -> String {
+        let c = &self.config;
+        let group = if c.backbone == Backbone::Group { format!(",group={}", c.group) } else { String::new() };
+        format!(
+            "gear(bits={},backbone={}{group},rank={},rank_decode={},iters={},outliers={},buffer={},seed={})",
+            c.bits, c.backbone, c.rank, c.rank_decode, c.iters, c.outliers, c.buffer, self.seed
+        )
+    }
+    fn append(&mut self, k: &[f32], v: &[f32], n_tokens: usize) -> Result<()> {
+        self.inner.append(k, v, n_tokens)
+    }
+    fn len(&self, g: usize) -> usize {
+        self.inner.len(g)
+    }
+    fn scores(&self, g: usize, q: &[f32], out: &mut [f32]) {
+        self.inner.scores(g, q, out)
+    }
+    fn weighted_values(&self, g: usize, p: &[f32], out: &mut [f32]) {
+        self.inner.weighted_values(g, p, out)
+    }
+    fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()> {
+        self.inner.evict(g, idx)
+    }
+    fn bytes(&self) -> KvBytes {
+        self.inner.bytes()
+    }
+    fn decode_token(&self, g: usize, j: usize, k: &mut [f32], v: &mut [f32]) {
+        self.inner.decode_token(g, j, k, v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::f16;
+
+    use super::*;
+    use crate::rng::Rng;
+
+    #[test]
+    fn outliers_are_the_largest_magnitudes_and_come_back_exactly() {
+        let seed = Rng::seed_from_time();
+        let mut rng = Rng::new(seed);
+        let (heads, d, n) = (2, 32, 48);
+        let cfg = GearConfig { group: 8, buffer: 16, outliers: 0.05, bits: 2, ..GearConfig::default() };
+        let mut c = GearCodec::new(heads, d, cfg, seed).unwrap();
+        let k: Vec<f32> = (0..n * heads * d).map(|_| f16::from_f32(rng.normal() * if rng.below(10) == 0 { 20.0 } else { 1.0 }).to_f32()).collect();
+        let v: Vec<f32> = (0..n * heads * d).map(|_| f16::from_f32(rng.normal()).to_f32()).collect();
+        c.append(&k, &v, n).unwrap();
+        let per_block = outlier_count(0.05, n * d);
+        for g in 0..heads {
+            for (key, x) in [(true, &k), (false, &v)] {
+                let at = |j: usize, ch: usize| x[(j * heads + g) * d + ch];
+                let out = c.outliers(g, key);
+                assert_eq!(out.len(), per_block, "seed {seed}");
+                let mut mags: Vec<f32> = (0..n).flat_map(|j| (0..d).map(move |ch| (j, ch))).map(|(j, ch)| at(j, ch).abs()).collect();
+                mags.sort_by(|a, b| b.total_cmp(a));
+                let mut got: Vec<f32> = out.iter().map(|o| o.2.abs()).collect();
+                got.sort_by(|a, b| b.total_cmp(a));
+                assert_eq!(got, mags[..per_block], "seed {seed}: outliers are not the top entries by magnitude");
+                for &(j, ch, val) in &out {
+                    assert_eq!(val, at(j, ch), "seed {seed}");
+                    let (mut kd, mut vd) = (vec![0f32; d], vec![0f32; d]);
+                    c.decode_token(g, j, &mut kd, &mut vd);
+                    assert_eq!(if key { kd[ch] } else { vd[ch] }, val, "seed {seed}: outlier ({j},{ch}) not restored exactly");
+                }
+            }
+        }
+        let before = c.outliers(0, true);
+        c.evict(0, &[0, 1, 2, 30]).unwrap();
+        let after = c.outliers(0, true);
+        let kept: Vec<(usize, usize, f32)> = before
+            .iter()
+            .filter(|o| ![0, 1, 2, 30].contains(&o.0))
+            .map(|&(j, ch, v)| (j - [0usize, 1, 2, 30].iter().filter(|&&e| e < j).count(), ch, v))
+            .collect();
+        assert_eq!(after, kept, "seed {seed}");
+    }
+}

@@ -1,0 +1,150 @@
+//! GEAR's sparse term: the entries of largest magnitude of a block's `[n, d]` matrix, kept
+//! exactly as (flat index `j * d + c`, f16 value) pairs sorted by index.
+//!
+//! Indices are u16 when the block has at most 65,536 entries and u32 otherwise. Dropping a row
+//! drops its pairs and renumbers the later ones.
+
+use half::f16;
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Outliers {
+    idx16: Vec<u16>,
+    idx32: Vec<u32>,
+    val: Vec<f16>,
+}
+
+/// Outliers kept for a block of `n_entries` entries at fraction `frac`: `floor(frac * n_entries)`.
+pub(crate) fn outlier_count(frac: f64, n_entries: usize) -> usize {
+    ((frac * n_entries as f64).floor() as usize).min(n_entries)
+}
+
+/// Bytes of one stored index for a block of `n_entries` entries.
+pub(crate) fn index_bytes(n_entries: usize) -> usize {
+    if n_entries <= 1 << 16 {
+        2
+    } else {
+        4
+    }
+}
+
+impl Outliers {
+    /// Extracts the `k` entries of `x` of largest `|x|` (ties: lower index first), returns them
+    /// and zeroes them in `x`. Also returns their flat indices, ascending.
+    pub(crate) fn extract(x: &mut [f32], k: usize) -> (Outliers, Vec<u32>) {
+        if k == 0 {
+            return (Outliers::default(), Vec::new());
+        }
+        let mut order: Vec<u32> = (0..x.len() as u32).collect();
+        let key = |i: &u32| (x[*i as usize].abs(), *i);
+        order.select_nth_unstable_by(k - 1, |a, b| {
+            let (ma, ia) = key(a);
+            let (mb, ib) = key(b);
+            mb.total_cmp(&ma).then(ia.cmp(&ib))
+        });
+        order.truncate(k);
+        order.sort_unstable();
+        let val: Vec<f16> = order.iter().map(|&i| f16::from_f32(x[i as usize])).collect();
+        for &i in &order {
+            x[i as usize] = 0.0;
+        }
+        let out = if index_bytes(x.len()) == 2 {
+            Outliers { idx16: order.iter().map(|&i| i as u16).collect(), idx32: Vec::new(), val }
+        } else {
+            Outliers { idx16: Vec::new(), idx32: order.clone(), val }
+        };
+        (out, order)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.val.len()
+    }
+
+    #[inline]
+    pub(crate) fn pos(&self, i: usize) -> usize {
+        if self.idx32.is_empty() {
+            self.idx16[i] as usize
+        } else {
+            self.idx32[i] as usize
+        }
+    }
+
+    #[inline]
+    pub(crate) fn value(&self, i: usize) -> f32 {
+        self.val[i].to_f32()
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.idx16.len() * 2 + self.idx32.len() * 4 + self.val.len() * 2
+    }
+
+    /// Drops the pairs of rows `rows` (ascending) of a block of row length `d` and renumbers the
+    /// rest to the compacted rows.
+    pub(crate) fn remove_rows(&mut self, rows: &[usize], d: usize) {
+        if rows.is_empty() || self.val.is_empty() {
+            return;
+        }
+        let mut keep = 0;
+        let mut r = 0;
+        for i in 0..self.val.len() {
+            let p = self.pos(i);
+            let j = p / d;
+            while r < rows.len() && rows[r] < j {
+                r += 1;
+            }
+            if r < rows.len() && rows[r] == j {
+                continue;
+            }
+            let np = p - r * d;
+            if self.idx32.is_empty() {
+                self.idx16[keep] = np as u16;
+            } else {
+                self.idx32[keep] = np as u32;
+            }
+            self.val[keep] = self.val[i];
+            keep += 1;
+        }
+        self.val.truncate(keep);
+        self.val.shrink_to_fit();
+        if self.idx32.is_empty() {
+            self.idx16.truncate(keep);
+            self.idx16.shrink_to_fit();
+        } else {
+            self.idx32.truncate(keep);
+            self.idx32.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    #[test]
+    fn extracts_the_largest_magnitudes_of_both_signs() {
+        let mut x = vec![0.1f32, -5.0, 0.2, 3.0, -0.3, 4.0, 0.0, -4.0];
+        let (o, pos) = Outliers::extract(&mut x, 3);
+        assert_eq!(pos, vec![1, 5, 7]);
+        assert_eq!((0..3).map(|i| o.value(i)).collect::<Vec<_>>(), vec![-5.0, 4.0, -4.0]);
+        assert_eq!(x, vec![0.1, 0.0, 0.2, 3.0, -0.3, 0.0, 0.0, 0.0]);
+        assert_eq!(o.bytes(), 3 * 4);
+    }
+
+    #[test]
+    fn removing_rows_renumbers() {
+        let seed = Rng::seed_from_time();
+        let mut rng = Rng::new(seed);
+        let (n, d) = (10, 8);
+        let orig: Vec<f32> = (0..n * d).map(|_| f16::from_f32(rng.normal()).to_f32()).collect();
+        let mut x = orig.clone();
+        let (mut o, _) = Outliers::extract(&mut x, 12);
+        let drop = [1usize, 2, 7];
+        o.remove_rows(&drop, d);
+        let survivors: Vec<usize> = (0..n).filter(|j| !drop.contains(j)).collect();
+        for i in 0..o.len() {
+            let p = o.pos(i);
+            let (j, c) = (survivors[p / d], p % d);
+            assert_eq!(o.value(i), orig[j * d + c], "seed {seed}");
+        }
+    }
+}
