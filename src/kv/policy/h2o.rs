@@ -51,7 +51,7 @@ impl H2O {
 
     /// The number of most recent tokens always kept under a budget of `budget_tokens`.
     pub fn recent_tokens(&self, budget_tokens: usize) -> usize {
-        ((self.recent * budget_tokens as f64).floor() as usize).min(budget_tokens - self.sinks)
+        ((self.recent * budget_tokens as f64).floor() as usize).min(budget_tokens.saturating_sub(self.sinks))
     }
 
     /// Head `g`'s accumulated scores, in arrival order (empty for a head that does not exist).

@@ -222,12 +222,12 @@ impl Arrivals {
 
 /// Checks that a step's mass is present and shaped like the heads after appending `n_new`:
 /// `mass[g].len() == len(g) + n_new`, every value finite and >= 0.
-fn check_mass<'a>(
-    mass: Option<&'a [Vec<f32>]>,
+fn check_mass(
+    mass: Option<&[Vec<f32>]>,
     n_heads: usize,
     len: impl Fn(usize) -> usize,
     n_new: usize,
-) -> Result<&'a [Vec<f32>]> {
+) -> Result<&[Vec<f32>]> {
     let Some(mass) = mass else { bail!("this policy needs the attention mass of every step") };
     if mass.len() != n_heads {
         bail!("attention mass for {} heads, the layer has {n_heads} KV heads", mass.len());

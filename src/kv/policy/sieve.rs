@@ -53,8 +53,8 @@ impl Bits {
     /// Keeps the bits whose `dead` flag is false, in order.
     fn compact(&mut self, dead: &[bool]) {
         let mut k = 0;
-        for i in 0..self.len {
-            if !dead[i] {
+        for (i, &d) in dead.iter().enumerate().take(self.len) {
+            if !d {
                 let v = self.get(i);
                 self.set(k, v);
                 k += 1;
