@@ -42,8 +42,8 @@ const AGREED_TOKENS: [usize; 4] = [48, 48, 21, 12];
 /// Runs every reference prompt and returns, per prompt, the tokens that agree with llama.cpp's
 /// continuation and a description of any difference.
 fn greedy_agreement() -> Option<Vec<(usize, Option<String>)>> {
-    let Some(p) = common::default_model() else { return };
-    let Some(refp) = common::shared("reference/greedy.json") else { return };
+    let p = common::default_model()?;
+    let refp = common::shared("reference/greedy.json")?;
     let m = Model::load(&p).unwrap();
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(refp).unwrap()).unwrap();
     let cpu = Cpu::fast();
@@ -123,5 +123,6 @@ fn perplexity_matches_llama_cpp() {
     let r = kvgear::bench::perplexity(&m, &Cpu::fast(), &text, 512, 512, None).unwrap();
     assert_eq!(r.n_chunks, 96, "llama.cpp scored 96 chunks");
     let rel = (r.ppl - LLAMA_CPP_PPL).abs() / LLAMA_CPP_PPL;
+    eprintln!("perplexity {:.4} +/- {:.4} over {} chunks; llama.cpp {LLAMA_CPP_PPL}", r.ppl, r.ppl_stderr, r.n_chunks);
     assert!(rel < PPL_REL_TOL, "perplexity {:.4} vs llama.cpp {LLAMA_CPP_PPL} ({:.2}% off)", r.ppl, rel * 100.0);
 }
