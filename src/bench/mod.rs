@@ -428,6 +428,6 @@ mod tests {
     #[test]
     fn dates_are_civil() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_418), (2025, 11, 25));
+        assert_eq!(civil_from_days(20_418), (2025, 11, 26));
     }
 }
