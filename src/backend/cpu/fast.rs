@@ -3,11 +3,20 @@
 //! the whole run), weights read once per block of tokens during prefill, and head-parallel
 //! attention. Every path is checked against `reference` (tests/backend.rs).
 //!
-//! Matmul numerics follow llama.cpp's CPU path: for the 32-element block types (Q4_0, Q4_1,
-//! Q5_0, Q5_1, Q8_0) each 32-value block of the activation row is quantized to int8 with an f16
-//! scale (`d = amax / 127`, like `block_q8_0` / `block_q8_1`), and a weight block's dot product
-//! with it is `d_w * d_x * sum(q_w * q_x)` plus, for the types with a minimum, `m_w * d_x *
-//! sum(q_x)`. The k-quants and the float types are dequantized block by block and dotted in f32.
+//! The numerics reproduce llama.cpp's x86 CPU path (ggml at 0c1e570, built with GCC `-O3
+//! -march=native`, which contracts `a*b + c` into FMAs) bit for bit, so greedy text matches it
+//! token for token; every deviation flips int8 roundings downstream and shows up in the text.
+//! - Matmul, 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): each 32-value activation block
+//!   is quantized as `quantize_row_q8_0/q8_1` do (`x * (127/amax)` rounded half to even, an f16
+//!   scale, and for Q8_1 the f16 `d * sum`); a weight block contributes `fma(d_w*d_x,
+//!   isum, acc)` across 8 lanes, its minimum `fma(m_w, s_x, summs)`; lanes are folded as
+//!   `hsum_float_8`. The k-quants and float types are dequantized block by block and dotted in f32.
+//! - RMSNorm: squares in f32 summed in f64, mean and scale in f32, `(x * scale) * w`.
+//! - RoPE: angles `pos * theta_scale^i` by repeated f32 multiplication, `sinf`/`cosf`, and the
+//!   rotation `fma(x0, cos, -(x1*sin))`, `fma(x0, sin, x1*cos)`.
+//! - SwiGLU: SiLU through ggml's vectorised `expf` polynomial.
+//! - Attention: ggml's single-chunk CPU flash attention (Q in f16, `vec_dot_f16`'s reduction order,
+//!   online softmax with an f16 value accumulator).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -660,7 +669,7 @@ pub fn rope(x: &mut [f32], pos0: usize, p: &RopeParams) {
                 let (x0, x1) = (head[a], head[b]);
                 // ggml's `x0*cos - x1*sin` and `x0*sin + x1*cos` as GCC contracts them.
                 head[a] = x0.mul_add(cos, -(x1 * sin));
-                head[b] = x1.mul_add(cos, x0 * sin);
+                head[b] = x0.mul_add(sin, x1 * cos);
             }
         }
     }
