@@ -11,6 +11,8 @@ pub mod cuda;
 use anyhow::Result;
 
 use crate::backend::cpu::reference::RopeParams;
+use crate::kv::codec::KvBytes;
+use crate::kv::strategy::StrategySpec;
 use crate::model::weights::Tensor;
 
 pub trait Backend {
@@ -49,29 +51,31 @@ pub trait Backend {
     /// `x[..n] += y`.
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf, n: usize) -> Result<()>;
 
-    /// An empty cache for one layer that can grow to `capacity` tokens.
-    fn kv_layer(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<Self::KvLayer>;
+    /// An empty cache for layer `layer` under `spec`, for up to `capacity` positions.
+    fn kv_layer(&self, spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, capacity: usize, layer: usize)
+        -> Result<Self::KvLayer>;
     /// Appends `n_tokens` rows of K and V (`[n_tokens, n_kv_heads, head_dim]`).
     fn kv_append(&self, layer: &mut Self::KvLayer, k: &Self::Buf, v: &Self::Buf, n_tokens: usize) -> Result<()>;
     /// Causal attention of `n_tokens` queries (`[n_tokens, n_heads, head_dim]`), the last
-    /// `n_tokens` entries of `layer` being their own keys. `out` has the shape of `q`. When `mass`
-    /// is given (`[n_kv_heads, layer length]`), the softmax weight each cached token received is
-    /// added into it, summed over queries and over the query heads that share each KV head.
-    #[allow(clippy::too_many_arguments)]
+    /// `n_tokens` tokens of `layer` being their own keys. `out` has the shape of `q`. When the
+    /// layer's policy asks for it, the softmax weight each cached token received is accumulated
+    /// in the layer (summed over queries and over the query heads that share each KV head).
     fn attention(
         &self,
         q: &Self::Buf,
-        layer: &Self::KvLayer,
+        layer: &mut Self::KvLayer,
         n_tokens: usize,
         n_heads: usize,
         head_dim: usize,
         out: &mut Self::Buf,
-        mass: Option<&mut [f32]>,
     ) -> Result<()>;
-    /// Bytes one layer's cache holds now.
-    fn kv_bytes(&self, layer: &Self::KvLayer) -> usize;
-    /// Tokens one layer's cache holds now.
+    /// Ends a step of `n_new` tokens from position `pos0`: the layer's policy sees the step's
+    /// attention mass and evicts. `prompt_len` is the prompt's length (budgets as fractions).
+    fn kv_finish_step(&self, layer: &mut Self::KvLayer, n_new: usize, pos0: usize, prompt_len: usize) -> Result<()>;
+    /// Bytes one layer's cache holds now, by component.
+    fn kv_bytes(&self, layer: &Self::KvLayer) -> KvBytes;
+    /// Positions one layer has seen (cached tokens plus evicted ones).
     fn kv_len(&self, layer: &Self::KvLayer) -> usize;
-    /// Drops the cached tokens from position `n_tokens` on.
+    /// Drops the cached tokens from position `n_tokens` on (a strategy layer only resets to 0).
     fn kv_truncate(&self, layer: &mut Self::KvLayer, n_tokens: usize) -> Result<()>;
 }

@@ -20,10 +20,11 @@ pub const WORKLOAD_TEXT: &str = include_str!("workload.txt");
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
-    /// KV-cache strategy. Built so far: fp16.
+    /// KV-cache strategy: fp16, uniform, group, gear, h2o, sieve, window, gear-h2o, gear-sieve, group-h2o.
     #[arg(long, default_value = "fp16")]
     pub strategy: String,
-    /// Strategy parameters, key=value (none for fp16).
+    /// Strategy parameters, key=value (bits, group, residual, rank, rank_decode, iters, outliers,
+    /// buffer, backbone, budget, recent, sinks, threshold); repeat or separate with commas.
     #[arg(long = "kv")]
     pub kv: Vec<String>,
     #[arg(long, short = 'm')]
@@ -80,6 +81,12 @@ pub struct BenchRow {
     pub ttft_ms: f64,
     pub weight_bytes: usize,
     pub kv_bytes: usize,
+    pub kv_codes: usize,
+    pub kv_scales: usize,
+    pub kv_lowrank: usize,
+    pub kv_outliers: usize,
+    pub kv_fp16: usize,
+    pub kv_policy: usize,
     pub kv_bytes_fp16: usize,
     pub compression: f64,
     pub peak_rss_bytes: u64,
@@ -106,12 +113,7 @@ pub fn workload_tokens(model: &Model, n: usize) -> Result<Vec<u32>> {
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
-    if a.strategy != "fp16" {
-        bail!("unknown strategy '{}': the strategies built so far are: fp16", a.strategy);
-    }
-    if !a.kv.is_empty() {
-        bail!("strategy fp16 takes no --kv parameters");
-    }
+    let spec = crate::kv::strategy::StrategySpec::parse(&a.strategy, &a.kv, a.seed)?;
     if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 {
         bail!("--prompt-tokens, --gen-tokens and --reps must be positive");
     }
@@ -128,9 +130,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let tokens = workload_tokens(&model, a.prompt_tokens)?;
     let dw = DeviceWeights::new(&backend, &model.weights)?;
     let n_ctx = a.prompt_tokens + a.gen_tokens;
-    let mut sess = Session::new(&backend, &model.config, &dw, n_ctx, a.batch)?;
+    let mut sess = Session::with_strategy(&backend, &model.config, &dw, n_ctx, a.batch, &spec)?;
     let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
-    let mut kv_bytes = 0;
+    let mut kv_bytes = crate::kv::codec::KvBytes::default();
     for _ in 0..a.reps {
         sess.truncate(0)?;
         let t0 = Instant::now();
@@ -159,7 +161,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         model_sha256: model_hash(&path)?,
         synthetic: model.gguf.as_ref().and_then(|g| g.opt_bool("kvgear.synthetic").ok().flatten()).unwrap_or(false),
         strategy: a.strategy.clone(),
-        params: String::new(),
+        params: spec.params_string(),
         seed: a.seed,
         prompt_tokens: tokens.len(),
         gen_tokens: a.gen_tokens,
@@ -168,9 +170,15 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         decode_tok_s: median(decode),
         ttft_ms: median(ttft),
         weight_bytes: model.weights.bytes(),
-        kv_bytes,
+        kv_bytes: kv_bytes.total(),
+        kv_codes: kv_bytes.codes,
+        kv_scales: kv_bytes.scales,
+        kv_lowrank: kv_bytes.lowrank,
+        kv_outliers: kv_bytes.outliers,
+        kv_fp16: kv_bytes.fp16,
+        kv_policy: kv_bytes.policy,
         kv_bytes_fp16: fp16,
-        compression: fp16 as f64 / kv_bytes.max(1) as f64,
+        compression: fp16 as f64 / kv_bytes.total().max(1) as f64,
         peak_rss_bytes: peak_rss_bytes(),
     };
     if a.json {
@@ -198,6 +206,15 @@ fn print_bench_table(r: &BenchRow) {
         mib(r.kv_bytes as f64),
         mib(r.kv_bytes_fp16 as f64),
         r.compression
+    );
+    println!(
+        "  by part  codes {:.2}, scales {:.2}, low-rank {:.2}, outliers {:.2}, fp16 {:.2}, policy {:.2} MiB",
+        mib(r.kv_codes as f64),
+        mib(r.kv_scales as f64),
+        mib(r.kv_lowrank as f64),
+        mib(r.kv_outliers as f64),
+        mib(r.kv_fp16 as f64),
+        mib(r.kv_policy as f64)
     );
     println!("peak RSS   {:.1} MiB", mib(r.peak_rss_bytes as f64));
 }
@@ -430,4 +447,180 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_418), (2025, 11, 26));
     }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct CompareArgs {
+    /// KV-cache strategy to compare with the fp16 cache.
+    #[arg(long)]
+    pub strategy: String,
+    /// Strategy parameters, key=value.
+    #[arg(long = "kv")]
+    pub kv: Vec<String>,
+    #[arg(long, short = 'm')]
+    pub model: Option<PathBuf>,
+    /// Text file to teacher-force (default: the built-in workload text).
+    #[arg(long, short = 'f', conflicts_with = "prompt")]
+    pub file: Option<PathBuf>,
+    /// Text to teacher-force instead of a file.
+    #[arg(long, short = 'p')]
+    pub prompt: Option<String>,
+    /// Tokens of the text used.
+    #[arg(long, default_value_t = 1024)]
+    pub max_tokens: usize,
+    /// Tokens prefilled as the prompt before teacher forcing (default: half of the tokens).
+    #[arg(long)]
+    pub prefix: Option<usize>,
+    /// Tokens generated freely (greedy) after the prompt to find the first difference.
+    #[arg(long, default_value_t = 64)]
+    pub gen: usize,
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// CSV the row is appended to.
+    #[arg(long, default_value = "results/compare.csv")]
+    pub csv: PathBuf,
+    #[arg(long)]
+    pub no_csv: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct CompareRow {
+    pub timestamp: String,
+    pub commit: String,
+    pub dirty: bool,
+    pub machine: String,
+    pub model: String,
+    pub model_sha256: String,
+    pub text: String,
+    pub strategy: String,
+    pub params: String,
+    pub seed: u64,
+    pub prompt_tokens: usize,
+    pub scored_tokens: usize,
+    pub kl: f64,
+    pub top1: f64,
+    pub ppl: f64,
+    pub ppl_fp16: f64,
+    pub tokens_to_first_difference: usize,
+    pub gen_tokens: usize,
+    pub kv_bytes: usize,
+    pub kv_bytes_fp16: usize,
+    pub compression: f64,
+}
+
+/// log-softmax of a row, f64.
+fn log_softmax(v: &[f32]) -> Vec<f64> {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    v.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// `kvgear compare`: the strategy against the fp16 cache on the same tokens. The first `prefix`
+/// tokens are the prompt; each later token is fed one at a time to both caches (teacher forcing),
+/// and every next-token distribution from the end of the prompt on is compared: KL(fp16 ||
+/// strategy), top-1 agreement, and each cache's perplexity of the actual next tokens. Then both
+/// generate greedily from the prompt, and the tokens before their first difference are counted.
+pub fn compare(a: &CompareArgs) -> Result<()> {
+    if let Some(n) = a.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
+    }
+    let spec = crate::kv::strategy::StrategySpec::parse(&a.strategy, &a.kv, a.seed)?;
+    let path = crate::fetch::resolve_model(a.model.as_deref())?;
+    let model = Model::load(&path)?;
+    let (text, text_name) = match (&a.file, &a.prompt) {
+        (Some(f), _) => (std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?, f.display().to_string()),
+        (None, Some(p)) => (p.clone(), "prompt".to_string()),
+        (None, None) => (WORKLOAD_TEXT.to_string(), "built-in workload".to_string()),
+    };
+    let mut tokens = model.tokenizer.encode(&text, true)?;
+    tokens.truncate(a.max_tokens);
+    let prefix = a.prefix.unwrap_or(tokens.len() / 2);
+    if prefix == 0 || prefix >= tokens.len() {
+        bail!("the text has {} tokens: the prefix ({prefix}) must leave at least one to score", tokens.len());
+    }
+    let backend = Cpu::fast();
+    let dw = DeviceWeights::new(&backend, &model.weights)?;
+    let n_ctx = tokens.len().max(prefix + a.gen) + 1;
+    let base_spec = crate::kv::strategy::StrategySpec::fp16();
+    let mut base = Session::with_strategy(&backend, &model.config, &dw, n_ctx, 64, &base_spec)?;
+    let mut strat = Session::with_strategy(&backend, &model.config, &dw, n_ctx, 64, &spec)?;
+    let (mut kl, mut agree, mut nll_b, mut nll_s, mut n) = (0.0f64, 0usize, 0.0f64, 0.0f64, 0usize);
+    let mut step = |lb: &[f32], ls: &[f32], next: Option<u32>| {
+        let (pb, ps) = (log_softmax(lb), log_softmax(ls));
+        kl += pb.iter().zip(&ps).map(|(x, y)| x.exp() * (x - y)).sum::<f64>();
+        agree += usize::from(greedy(lb) == greedy(ls));
+        if let Some(t) = next {
+            nll_b -= pb[t as usize];
+            nll_s -= ps[t as usize];
+        }
+        n += 1;
+    };
+    let lb = base.forward(&tokens[..prefix], Logits::Last)?.to_vec();
+    let ls = strat.forward(&tokens[..prefix], Logits::Last)?.to_vec();
+    step(&lb, &ls, Some(tokens[prefix]));
+    for i in prefix..tokens.len() - 1 {
+        let lb = base.forward(&tokens[i..i + 1], Logits::Last)?.to_vec();
+        let ls = strat.forward(&tokens[i..i + 1], Logits::Last)?.to_vec();
+        step(&lb, &ls, Some(tokens[i + 1]));
+    }
+    let kv_bytes = strat.kv_bytes().total();
+    let kv_bytes_fp16 = model.config.kv_bytes_per_token_fp16() * strat.n_past();
+    base.truncate(0)?;
+    strat.truncate(0)?;
+    let mut nb = greedy(base.forward(&tokens[..prefix], Logits::Last)?);
+    let mut ns = greedy(strat.forward(&tokens[..prefix], Logits::Last)?);
+    let mut same = 0;
+    while same < a.gen && nb == ns {
+        same += 1;
+        if same == a.gen {
+            break;
+        }
+        nb = greedy(base.forward(&[nb], Logits::Last)?);
+        ns = greedy(strat.forward(&[ns], Logits::Last)?);
+    }
+    let scored = n;
+    let (commit, dirty) = git_state();
+    let row = CompareRow {
+        timestamp: now_rfc3339(),
+        commit,
+        dirty,
+        machine: machine_description(),
+        model: model.name.clone(),
+        model_sha256: model_hash(&path)?,
+        text: text_name,
+        strategy: spec.name.clone(),
+        params: spec.params_string(),
+        seed: a.seed,
+        prompt_tokens: prefix,
+        scored_tokens: scored,
+        kl: kl / scored as f64,
+        top1: agree as f64 / scored as f64,
+        ppl: (nll_s / scored as f64).exp(),
+        ppl_fp16: (nll_b / scored as f64).exp(),
+        tokens_to_first_difference: same,
+        gen_tokens: a.gen,
+        kv_bytes,
+        kv_bytes_fp16,
+        compression: kv_bytes_fp16 as f64 / kv_bytes.max(1) as f64,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&row)?);
+    } else {
+        println!("strategy   {} {}", row.strategy, row.params);
+        println!("text       {} ({} prompt tokens, {} scored)", row.text, row.prompt_tokens, row.scored_tokens);
+        println!("KL         {:.5} nats/token (from the fp16 cache's distribution)", row.kl);
+        println!("top-1      {:.2}% agreement", row.top1 * 100.0);
+        println!("perplexity {:.4} (fp16 cache {:.4})", row.ppl, row.ppl_fp16);
+        println!("greedy     {} of {} tokens before the first difference", row.tokens_to_first_difference, row.gen_tokens);
+        println!("KV bytes   {} (fp16 {}; compression {:.2}x)", row.kv_bytes, row.kv_bytes_fp16, row.compression);
+    }
+    if !a.no_csv {
+        csvlog::append(&a.csv, &row)?;
+        eprintln!("appended to {}", a.csv.display());
+    }
+    Ok(())
 }

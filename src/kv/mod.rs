@@ -1,10 +1,13 @@
 //! KV cache storage.
 //!
-//! This cache is the plain fp16 cache (the baseline every compressed strategy is measured
-//! against). Keys are stored after RoPE, so a token's entries never change once written.
+//! `Fp16Layer` is the plain fp16 cache, the baseline every strategy is measured against (and the
+//! one whose arithmetic matches llama.cpp's). `strategy` composes an eviction `policy` with a
+//! storage `codec` for everything else. Keys are stored after RoPE, so a token's entries never
+//! change once written.
 
 pub mod codec;
 pub mod policy;
+pub mod strategy;
 
 use anyhow::{bail, Result};
 use half::f16;

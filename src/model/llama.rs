@@ -8,6 +8,8 @@ use anyhow::{bail, Result};
 
 use crate::backend::cpu::reference::RopeParams;
 use crate::backend::Backend;
+use crate::kv::codec::KvBytes;
+use crate::kv::strategy::StrategySpec;
 use crate::model::config::Config;
 use crate::model::weights::Weights;
 
@@ -102,11 +104,26 @@ pub struct Session<'a, B: Backend> {
     n_ctx: usize,
     s: Scratch<B>,
     host_logits: Vec<f32>,
+    /// Length of the first forward call after an empty cache: the prompt.
+    prompt_len: usize,
 }
 
 impl<'a, B: Backend> Session<'a, B> {
-    /// A session that can hold `n_ctx` tokens, processing prompts `n_batch` tokens at a time.
+    /// A session with the plain fp16 cache that can hold `n_ctx` tokens, processing prompts
+    /// `n_batch` tokens at a time.
     pub fn new(backend: &'a B, cfg: &Config, w: &'a DeviceWeights<B>, n_ctx: usize, n_batch: usize) -> Result<Self> {
+        Session::with_strategy(backend, cfg, w, n_ctx, n_batch, &StrategySpec::fp16())
+    }
+
+    /// A session whose KV cache follows `spec`.
+    pub fn with_strategy(
+        backend: &'a B,
+        cfg: &Config,
+        w: &'a DeviceWeights<B>,
+        n_ctx: usize,
+        n_batch: usize,
+        spec: &StrategySpec,
+    ) -> Result<Self> {
         if n_ctx == 0 || n_batch == 0 {
             bail!("context and batch sizes must be positive");
         }
@@ -124,11 +141,13 @@ impl<'a, B: Backend> Session<'a, B> {
             up: backend.alloc(nb * c.n_ff)?,
             logits: backend.alloc(nb * c.n_vocab)?,
         };
-        let kv = (0..c.n_layers).map(|_| backend.kv_layer(c.n_kv_heads, c.head_dim, n_ctx)).collect::<Result<Vec<_>>>()?;
-        Ok(Session { backend, cfg: cfg.clone(), w, kv, n_batch: nb, n_ctx, s, host_logits: Vec::new() })
+        let kv = (0..c.n_layers)
+            .map(|l| backend.kv_layer(spec, c.n_kv_heads, c.head_dim, n_ctx, l))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Session { backend, cfg: cfg.clone(), w, kv, n_batch: nb, n_ctx, s, host_logits: Vec::new(), prompt_len: 0 })
     }
 
-    /// Tokens in the cache.
+    /// Positions processed so far (the next token's position).
     pub fn n_past(&self) -> usize {
         self.kv.first().map_or(0, |l| self.backend.kv_len(l))
     }
@@ -137,9 +156,13 @@ impl<'a, B: Backend> Session<'a, B> {
         self.n_ctx
     }
 
-    /// Bytes the KV cache holds now, all layers.
-    pub fn kv_bytes(&self) -> usize {
-        self.kv.iter().map(|l| self.backend.kv_bytes(l)).sum()
+    /// Bytes the KV cache holds now, all layers, by component.
+    pub fn kv_bytes(&self) -> KvBytes {
+        let mut b = KvBytes::default();
+        for l in &self.kv {
+            b.add(&self.backend.kv_bytes(l));
+        }
+        b
     }
 
     /// Forgets every token from position `n` on.
@@ -168,6 +191,9 @@ impl<'a, B: Backend> Session<'a, B> {
             bail!("token id {bad} is outside the vocabulary of {}", self.cfg.n_vocab);
         }
         let n_vocab = self.cfg.n_vocab;
+        if self.n_past() == 0 {
+            self.prompt_len = tokens.len();
+        }
         let from = match want {
             Logits::Last => tokens.len() - 1,
             Logits::From(i) => i.min(tokens.len()),
@@ -231,7 +257,8 @@ impl<'a, B: Backend> Session<'a, B> {
             b.rope(&mut s.q, n, pos0, &rope_q)?;
             b.rope(&mut s.k, n, pos0, &rope_k)?;
             b.kv_append(kv, &s.k, &s.v, n)?;
-            b.attention(&s.q, kv, n, c.n_heads, c.head_dim, &mut s.att, None)?;
+            b.attention(&s.q, kv, n, c.n_heads, c.head_dim, &mut s.att)?;
+            b.kv_finish_step(kv, n, pos0, self.prompt_len)?;
             b.matmul(&l.wo, &s.att, n, &mut s.proj)?;
             b.add(&mut s.x, &s.proj, n * d)?;
             b.rmsnorm(&s.x, &l.ffn_norm, d, c.norm_eps, n, &mut s.xn)?;

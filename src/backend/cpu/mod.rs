@@ -9,6 +9,8 @@ use half::f16;
 
 use crate::backend::cpu::reference::RopeParams;
 use crate::backend::Backend;
+use crate::kv::codec::KvBytes;
+use crate::kv::strategy::{StrategyLayer, StrategySpec};
 use crate::kv::Fp16Layer;
 use crate::model::weights::Tensor;
 
@@ -42,7 +44,7 @@ fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
 impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Weight = Tensor;
-    type KvLayer = Fp16Layer;
+    type KvLayer = CpuKv;
 
     fn describe(&self) -> String {
         match self.kind {
@@ -146,58 +148,105 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn kv_layer(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<Fp16Layer> {
-        Fp16Layer::new(n_kv_heads, head_dim, capacity)
+    fn kv_layer(&self, spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, capacity: usize, layer: usize) -> Result<CpuKv> {
+        if spec.is_plain() {
+            Ok(CpuKv::Plain(Fp16Layer::new(n_kv_heads, head_dim, capacity)?))
+        } else {
+            Ok(CpuKv::Strategy(Box::new(StrategyLayer::new(spec, n_kv_heads, head_dim, capacity, layer)?), Vec::new()))
+        }
     }
 
-    fn kv_append(&self, layer: &mut Fp16Layer, k: &Vec<f32>, v: &Vec<f32>, n_tokens: usize) -> Result<()> {
-        let n = n_tokens * layer.n_kv_heads * layer.head_dim;
+    fn kv_append(&self, layer: &mut CpuKv, k: &Vec<f32>, v: &Vec<f32>, n_tokens: usize) -> Result<()> {
+        let (heads, hd) = match layer {
+            CpuKv::Plain(l) => (l.n_kv_heads, l.head_dim),
+            CpuKv::Strategy(l, _) => (l.n_kv_heads, l.head_dim),
+        };
+        let n = n_tokens * heads * hd;
         check_len("kv_append", k.len().min(v.len()), n)?;
-        layer.append(&k[..n], &v[..n], n_tokens)
+        match layer {
+            CpuKv::Plain(l) => l.append(&k[..n], &v[..n], n_tokens),
+            CpuKv::Strategy(l, _) => l.append(&k[..n], &v[..n], n_tokens),
+        }
     }
 
     fn attention(
         &self,
         q: &Vec<f32>,
-        layer: &Fp16Layer,
+        layer: &mut CpuKv,
         n_tokens: usize,
         n_heads: usize,
         head_dim: usize,
         out: &mut Vec<f32>,
-        mass: Option<&mut [f32]>,
     ) -> Result<()> {
         let n = n_tokens * n_heads * head_dim;
         check_len("attention", q.len().min(out.len()), n)?;
-        if n_tokens > layer.n_tokens || head_dim != layer.head_dim || n_heads % layer.n_kv_heads != 0 {
-            bail!(
-                "attention: {n_tokens} queries x {n_heads} heads of {head_dim} against a cache of {} tokens x {} heads of {}",
-                layer.n_tokens,
-                layer.n_kv_heads,
-                layer.head_dim
-            );
-        }
-        if let Some(m) = &mass {
-            check_len("attention mass", m.len(), layer.n_kv_heads * layer.n_tokens)?;
-        }
-        match self.kind {
-            CpuKind::Reference => reference::attention(&q[..n], layer, n_tokens, n_heads, head_dim, &mut out[..n], mass),
-            CpuKind::Fast => fast::attention(&q[..n], layer, n_tokens, n_heads, head_dim, &mut out[..n], mass),
+        match layer {
+            CpuKv::Plain(l) => {
+                if n_tokens > l.n_tokens || head_dim != l.head_dim || n_heads % l.n_kv_heads != 0 {
+                    bail!(
+                        "attention: {n_tokens} queries x {n_heads} heads of {head_dim} against a cache of {} tokens x {} heads of {}",
+                        l.n_tokens,
+                        l.n_kv_heads,
+                        l.head_dim
+                    );
+                }
+                match self.kind {
+                    CpuKind::Reference => reference::attention(&q[..n], l, n_tokens, n_heads, head_dim, &mut out[..n], None),
+                    CpuKind::Fast => fast::attention(&q[..n], l, n_tokens, n_heads, head_dim, &mut out[..n], None),
+                }
+            }
+            CpuKv::Strategy(l, scratch) => {
+                if head_dim != l.head_dim || n_heads % l.n_kv_heads != 0 {
+                    bail!("attention: {n_heads} heads of {head_dim} against {} KV heads of {}", l.n_kv_heads, l.head_dim);
+                }
+                l.attention(&q[..n], n_tokens, n_heads, &mut out[..n], scratch);
+            }
         }
         Ok(())
     }
 
-    fn kv_bytes(&self, layer: &Fp16Layer) -> usize {
-        layer.bytes()
+    fn kv_finish_step(&self, layer: &mut CpuKv, n_new: usize, pos0: usize, prompt_len: usize) -> Result<()> {
+        match layer {
+            CpuKv::Plain(_) => Ok(()),
+            CpuKv::Strategy(l, _) => {
+                l.prompt_len = prompt_len;
+                l.finish_step(n_new, pos0)
+            }
+        }
     }
 
-    fn kv_len(&self, layer: &Fp16Layer) -> usize {
-        layer.n_tokens
+    fn kv_bytes(&self, layer: &CpuKv) -> KvBytes {
+        match layer {
+            CpuKv::Plain(l) => KvBytes { fp16: l.bytes(), ..KvBytes::default() },
+            CpuKv::Strategy(l, _) => l.bytes(),
+        }
     }
 
-    fn kv_truncate(&self, layer: &mut Fp16Layer, n_tokens: usize) -> Result<()> {
-        layer.truncate(n_tokens);
-        Ok(())
+    fn kv_len(&self, layer: &CpuKv) -> usize {
+        match layer {
+            CpuKv::Plain(l) => l.n_tokens,
+            CpuKv::Strategy(l, _) => l.n_seen,
+        }
     }
+
+    fn kv_truncate(&self, layer: &mut CpuKv, n_tokens: usize) -> Result<()> {
+        match layer {
+            CpuKv::Plain(l) => {
+                l.truncate(n_tokens);
+                Ok(())
+            }
+            CpuKv::Strategy(l, _) if n_tokens == 0 => l.reset(),
+            CpuKv::Strategy(l, _) if n_tokens >= l.n_seen => Ok(()),
+            CpuKv::Strategy(..) => bail!("a compressed or evicting cache can only be emptied, not cut at position {n_tokens}"),
+        }
+    }
+}
+
+/// A CPU layer cache: the plain fp16 cache (the `fp16` strategy, with llama.cpp's attention
+/// arithmetic), or a policy over a codec with a score scratch buffer.
+pub enum CpuKv {
+    Plain(Fp16Layer),
+    Strategy(Box<StrategyLayer>, Vec<f32>),
 }
 
 /// f16 to f32 for a slice (used by the fast attention).

@@ -1,0 +1,135 @@
+//! KV strategies in the forward pass: every strategy runs, holds what it reports, evicts what it
+//! should, and stays close to the fp16 cache where it should.
+
+mod common;
+
+use kvgear::backend::cpu::Cpu;
+use kvgear::format::quant::GgmlType;
+use kvgear::kv::strategy::{StrategySpec, STRATEGIES};
+use kvgear::model::config::Config;
+use kvgear::model::llama::{DeviceWeights, Logits, Session};
+use kvgear::model::Model;
+
+/// KL divergence (nats) below which two next-token distributions count as the same model: the
+/// codec path computes attention in f32 where the plain cache follows llama.cpp's f16 arithmetic.
+const SAME_KL: f64 = 1e-3;
+
+/// A tiny synthetic model, written to a file of the calling test's own (tests run in parallel).
+fn tiny(test: &str) -> Model {
+    let cfg = Config::named("tiny").unwrap();
+    let path = common::temp_path(&format!("strategy-{test}.gguf"));
+    kvgear::synth::write(&cfg, "tiny", GgmlType::Q8_0, GgmlType::Q8_0, false, 21, &path).unwrap();
+    Model::load(&path).unwrap()
+}
+
+fn kl(a: &[f32], b: &[f32]) -> f64 {
+    let ls = |v: &[f32]| {
+        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+        v.iter().map(|&x| x as f64 - lse).collect::<Vec<f64>>()
+    };
+    let (pa, pb) = (ls(a), ls(b));
+    pa.iter().zip(&pb).map(|(x, y)| x.exp() * (x - y)).sum()
+}
+
+/// Runs a 96-token prompt and 40 decode steps; returns the last logits and the session's bytes.
+fn run(m: &Model, spec: &StrategySpec) -> (Vec<f32>, kvgear::kv::codec::KvBytes, usize) {
+    let b = Cpu::fast();
+    let dw = DeviceWeights::new(&b, &m.weights).unwrap();
+    let mut s = Session::with_strategy(&b, &m.config, &dw, 256, 32, spec).unwrap();
+    let prompt: Vec<u32> = (0..96).map(|i| (i * 37 % 500) as u32).collect();
+    let mut l = s.forward(&prompt, Logits::Last).unwrap().to_vec();
+    for i in 0..40u32 {
+        l = s.forward(&[(i * 11 + 3) % 500], Logits::Last).unwrap().to_vec();
+    }
+    (l, s.kv_bytes(), s.n_past())
+}
+
+#[test]
+fn every_strategy_runs_and_reports_its_bytes() {
+    let m = tiny("every_strategy_runs_");
+    let (_, plain, n) = run(&m, &StrategySpec::fp16());
+    assert_eq!(n, 136);
+    assert_eq!(plain.total(), m.config.kv_bytes_per_token_fp16() * n);
+    for name in STRATEGIES {
+        let kv: Vec<String> = if ["h2o", "sieve", "window", "gear-h2o", "gear-sieve", "group-h2o"].contains(&name) {
+            vec!["budget=0.5".into()]
+        } else {
+            vec![]
+        };
+        let spec = StrategySpec::parse(name, &kv, 3).unwrap();
+        let (l, bytes, n) = run(&m, &spec);
+        assert_eq!(n, 136, "{name}: positions");
+        assert!(l.iter().all(|v| v.is_finite()), "{name}: non-finite logits");
+        let parts = bytes.codes + bytes.scales + bytes.lowrank + bytes.outliers + bytes.fp16 + bytes.policy;
+        assert_eq!(parts, bytes.total(), "{name}");
+        if name != "fp16" {
+            assert!(bytes.total() < plain.total(), "{name}: {} bytes, fp16 holds {}", bytes.total(), plain.total());
+        }
+    }
+}
+
+#[test]
+fn evicting_to_half_the_prompt_holds_half_the_fp16_bytes() {
+    let m = tiny("evicting_to_half_the");
+    // Budget 0.5 of a 96-token prompt: 48 tokens per head stay; fp16 storage, so the fp16 part is
+    // exactly 48 tokens' worth per layer.
+    let spec = StrategySpec::parse("h2o", &["budget=0.5".into()], 0).unwrap();
+    let (_, bytes, _) = run(&m, &spec);
+    assert_eq!(bytes.fp16, m.config.kv_bytes_per_token_fp16() * 48);
+    // H2O's state: one f32 score per held token.
+    assert_eq!(bytes.policy, m.config.n_layers * m.config.n_kv_heads * 48 * 4);
+}
+
+#[test]
+fn a_cache_that_evicts_nothing_matches_the_plain_cache() {
+    let m = tiny("a_cache_that_evicts_");
+    let (plain, _, _) = run(&m, &StrategySpec::fp16());
+    // A window larger than the sequence keeps everything, through the codec path.
+    let spec = StrategySpec::parse("window", &["budget=1000".into()], 0).unwrap();
+    let (l, _, _) = run(&m, &spec);
+    let d = kl(&plain, &l);
+    assert!(d < SAME_KL, "KL {d}");
+    // So does an H2O budget above the length.
+    let spec = StrategySpec::parse("h2o", &["budget=1000".into()], 0).unwrap();
+    let (l, _, _) = run(&m, &spec);
+    assert!(kl(&plain, &l) < SAME_KL);
+}
+
+#[test]
+fn eight_bit_codecs_stay_close_to_fp16() {
+    let m = tiny("eight_bit_codecs_sta");
+    let (plain, _, _) = run(&m, &StrategySpec::fp16());
+    for name in ["uniform", "group", "gear"] {
+        let spec = StrategySpec::parse(name, &["bits=8".into()], 0).unwrap();
+        let (l, _, _) = run(&m, &spec);
+        let d = kl(&plain, &l);
+        assert!(d < 10.0 * SAME_KL, "{name} at 8 bits: KL {d}");
+    }
+}
+
+#[test]
+fn runs_are_deterministic_for_a_seed() {
+    let m = tiny("runs_are_determinist");
+    let spec = StrategySpec::parse("gear-h2o", &["budget=0.5".into(), "bits=2".into()], 9).unwrap();
+    assert_eq!(run(&m, &spec).0, run(&m, &spec).0);
+}
+
+#[test]
+fn bad_strategies_are_clear_errors() {
+    for (name, kv, want) in [
+        ("gear-lru", vec![], "unknown strategy"),
+        ("gear", vec!["bits=5".to_string()], "bits"),
+        ("gear", vec!["budget=0.5".to_string()], "evicts nothing"),
+        ("h2o", vec![], "budget"),
+        ("uniform", vec!["rank=4".to_string()], "rank"),
+        ("group", vec!["bits".to_string()], "key=value"),
+        ("h2o", vec!["budget=-1".to_string()], "budget"),
+    ] {
+        let e = match StrategySpec::parse(name, &kv, 0) {
+            Ok(_) => panic!("{name} {kv:?} parsed"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(e.contains(want), "{name} {kv:?}: {e}");
+    }
+}
