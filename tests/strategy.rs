@@ -116,12 +116,18 @@ fn runs_are_deterministic_for_a_seed() {
 }
 
 #[test]
+fn evicting_strategies_default_to_half_the_prompt() {
+    let s = StrategySpec::parse("gear-h2o", &[], 0).unwrap();
+    assert_eq!(s.policy_params.budget, Some(kvgear::kv::strategy::DEFAULT_BUDGET));
+    assert_eq!(s.params_string(), "budget=0.5");
+}
+
+#[test]
 fn bad_strategies_are_clear_errors() {
     for (name, kv, want) in [
         ("gear-lru", vec![], "unknown strategy"),
         ("gear", vec!["bits=5".to_string()], "bits"),
         ("gear", vec!["budget=0.5".to_string()], "evicts nothing"),
-        ("h2o", vec![], "budget"),
         ("uniform", vec!["rank=4".to_string()], "rank"),
         ("group", vec!["bits".to_string()], "key=value"),
         ("h2o", vec!["budget=-1".to_string()], "budget"),

@@ -20,6 +20,9 @@ use crate::kv::policy::{make_policy, Policy, PolicyParams};
 pub const STRATEGIES: [&str; 10] =
     ["fp16", "uniform", "group", "gear", "h2o", "sieve", "window", "gear-h2o", "gear-sieve", "group-h2o"];
 
+/// Budget of the evicting strategies when `--kv budget=` is not given: half the prompt.
+pub const DEFAULT_BUDGET: f64 = 0.5;
+
 /// A strategy with its parameters, as `--strategy NAME --kv key=value ...` gives it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StrategySpec {
@@ -76,6 +79,12 @@ impl StrategySpec {
                 }
                 s.given.push((k.to_string(), v.to_string()));
             }
+        }
+        // An evicting strategy without a budget keeps half the prompt (recorded like a given
+        // parameter, so reports show it).
+        if s.policy != "keep_all" && s.policy_params.budget.is_none() {
+            s.policy_params.budget = Some(DEFAULT_BUDGET);
+            s.given.push(("budget".into(), DEFAULT_BUDGET.to_string()));
         }
         // Build once to validate every parameter against the codec and policy before any run.
         make_codec(&s.codec, &s.codec_params, 1, 64, seed)?;
