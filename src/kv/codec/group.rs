@@ -115,25 +115,5 @@ impl Codec for GroupCodec {
     fn describe(&self) -> String {
         format!("group(bits={},group={},residual={})", self.config.bits, self.config.group, self.config.residual)
     }
-    fn append(&mut self, k: &[f32], v: &[f32], n_tokens: usize) -> Result<()> {
-        self.inner.append(k, v, n_tokens)
-    }
-    fn len(&self, g: usize) -> usize {
-        self.inner.len(g)
-    }
-    fn scores(&self, g: usize, q: &[f32], out: &mut [f32]) {
-        self.inner.scores(g, q, out)
-    }
-    fn weighted_values(&self, g: usize, p: &[f32], out: &mut [f32]) {
-        self.inner.weighted_values(g, p, out)
-    }
-    fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()> {
-        self.inner.evict(g, idx)
-    }
-    fn bytes(&self) -> KvBytes {
-        self.inner.bytes()
-    }
-    fn decode_token(&self, g: usize, j: usize, k: &mut [f32], v: &mut [f32]) {
-        self.inner.decode_token(g, j, k, v)
-    }
+    forward_codec_to_inner!();
 }

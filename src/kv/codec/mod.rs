@@ -16,6 +16,34 @@
 //! few words per block, not per token.
 
 mod blocked;
+/// Implements every `Codec` method but `describe` by forwarding to the field `inner` (the
+/// compressed codecs share one block store and differ in how a block is encoded).
+macro_rules! forward_codec_to_inner {
+    () => {
+        fn append(&mut self, k: &[f32], v: &[f32], n_tokens: usize) -> Result<()> {
+            self.inner.append(k, v, n_tokens)
+        }
+        fn len(&self, g: usize) -> usize {
+            self.inner.len(g)
+        }
+        fn scores(&self, g: usize, q: &[f32], out: &mut [f32]) {
+            self.inner.scores(g, q, out)
+        }
+        fn weighted_values(&self, g: usize, p: &[f32], out: &mut [f32]) {
+            self.inner.weighted_values(g, p, out)
+        }
+        fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()> {
+            self.inner.evict(g, idx)
+        }
+        fn bytes(&self) -> KvBytes {
+            self.inner.bytes()
+        }
+        fn decode_token(&self, g: usize, j: usize, k: &mut [f32], v: &mut [f32]) {
+            self.inner.decode_token(g, j, k, v)
+        }
+    };
+}
+
 pub mod fp16;
 pub mod gear;
 pub mod group;
