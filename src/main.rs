@@ -98,6 +98,9 @@ enum Cmd {
     Synth(kvgear::synth::SynthArgs),
     /// Measure prefill and decode speed and memory; append a row to results/bench.csv.
     Bench(kvgear::bench::BenchArgs),
+    /// Memory of weights, KV cache (by component) and scratch for a config, context, batch and
+    /// strategy, from formulas; with --budget, the longest context and largest batch that fit.
+    Memory(kvgear::bench::memory::MemoryArgs),
     /// Compare a KV strategy with the fp16 cache: KL, top-1 agreement, perplexity, first difference.
     Compare(kvgear::bench::CompareArgs),
     /// Run every CUDA kernel against the CPU reference on random inputs.
@@ -266,6 +269,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Synth(a) => kvgear::synth::run(&a),
         Cmd::Bench(a) => kvgear::bench::run(&a),
         Cmd::Compare(a) => kvgear::bench::compare(&a),
+        Cmd::Memory(a) => kvgear::bench::memory::run(&a),
         Cmd::Selftest { seed, bench, csv, iters } => {
             let opts = kvgear::backend::cuda::selftest::Options { seed, bench, csv, iters };
             return kvgear::backend::cuda::selftest::command(&opts);

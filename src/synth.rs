@@ -63,7 +63,7 @@ fn file_type(ty: GgmlType) -> u32 {
     }
 }
 
-fn parse_type(s: &str) -> Result<GgmlType> {
+pub fn parse_type(s: &str) -> Result<GgmlType> {
     GgmlType::from_name(s).with_context(|| {
         let names: Vec<&str> = GgmlType::ALL.iter().map(|t| t.name()).collect();
         format!("unknown tensor type '{s}' (known: {})", names.join(", "))
@@ -115,6 +115,26 @@ fn specs(cfg: &Config, ty: GgmlType, out_ty: GgmlType, tied: bool) -> Vec<Spec> 
         out.push(s("output.weight".into(), d, v, out_ty, Fill::Matrix));
     }
     out
+}
+
+/// Bytes of a model's tensors with matrices in `ty` and the output matrix in `out_ty` (norms in
+/// f32), exactly as `write` lays them out, without writing anything.
+pub fn tensor_bytes(cfg: &Config, ty: GgmlType, out_ty: GgmlType, tied: bool) -> Result<u64> {
+    let mut total = 0u64;
+    for s in specs(cfg, ty, out_ty, tied) {
+        let rb = s.ty.row_bytes(s.n_cols).with_context(|| format!("{}: rows of {} do not fit {} blocks", s.name, s.n_cols, s.ty))?;
+        total += (rb * s.n_rows) as u64;
+    }
+    Ok(total)
+}
+
+/// The output type `synth` and `memory` choose for a weight type: q6_k for 4- and 5-bit types,
+/// as llama.cpp does, else the same type.
+pub fn default_output_type(ty: GgmlType) -> GgmlType {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => GgmlType::Q6K,
+        other => other,
+    }
 }
 
 /// The metadata of a synthetic model.
@@ -217,10 +237,7 @@ pub fn run(a: &SynthArgs) -> Result<()> {
     let ty = parse_type(&a.quant)?;
     let out_ty = match &a.output_type {
         Some(s) => parse_type(s)?,
-        None if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K) => {
-            GgmlType::Q6K
-        }
-        None => ty,
+        None => default_output_type(ty),
     };
     let tied = a.config == "smollm2-135m";
     let t0 = std::time::Instant::now();

@@ -139,3 +139,46 @@ fn bad_strategies_are_clear_errors() {
         assert!(e.contains(want), "{name} {kv:?}: {e}");
     }
 }
+
+#[test]
+fn memory_formulas_equal_the_bytes_held() {
+    let m = tiny("memory");
+    let c = &m.config;
+    let b = Cpu::fast();
+    let dw = DeviceWeights::new(&b, &m.weights).unwrap();
+    let prompt: Vec<u32> = (0..150).map(|i| (i * 29 % 500) as u32).collect();
+    for (name, kv) in [
+        ("fp16", ""),
+        ("uniform", "bits=3"),
+        ("group", "bits=2"),
+        ("gear", "bits=4"),
+        ("gear", "bits=2,backbone=uniform"),
+        ("h2o", "budget=0.3"),
+        ("sieve", "budget=40"),
+        ("window", "budget=0.5"),
+    ] {
+        let kv: Vec<String> = if kv.is_empty() { vec![] } else { vec![kv.to_string()] };
+        let spec = StrategySpec::parse(name, &kv, 1).unwrap();
+        assert!(kvgear::kv::strategy::formula_is_exact(&spec));
+        // The whole prompt in one batch: GEAR compresses a prompt at once.
+        let mut s = Session::with_strategy(&b, c, &dw, 256, prompt.len(), &spec).unwrap();
+        s.forward(&prompt, Logits::Last).unwrap();
+        for n_decode in 0..70u32 {
+            let layer = kvgear::kv::strategy::formula_bytes(&spec, c.n_kv_heads, c.head_dim, prompt.len(), n_decode as usize).unwrap();
+            assert_eq!(s.kv_bytes().total(), layer.total() * c.n_layers, "{name} {kv:?} after {n_decode} decoded tokens");
+            s.forward(&[n_decode % 500], Logits::Last).unwrap();
+        }
+    }
+}
+
+#[test]
+fn memory_weight_bytes_equal_a_synthetic_file() {
+    let cfg = Config::named("tiny").unwrap();
+    for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::F16] {
+        let path = common::temp_path(&format!("memory-weights-{ty}.gguf"));
+        let out = kvgear::synth::default_output_type(ty);
+        kvgear::synth::write(&cfg, "tiny", ty, out, false, 2, &path).unwrap();
+        let m = Model::load(&path).unwrap();
+        assert_eq!(kvgear::synth::tensor_bytes(&cfg, ty, out, false).unwrap(), m.weights.bytes() as u64, "{ty}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Measured runs: `bench`, `perplexity`, `info`, `selftest`, and the CSV rows they append.
 
 pub mod csvlog;
+pub mod memory;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

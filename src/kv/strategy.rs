@@ -227,3 +227,42 @@ impl StrategyLayer {
         }
     }
 }
+
+/// Bytes one layer's cache holds under `spec` after a prompt of `n_prompt` tokens and `n_decode`
+/// decoded ones, by the codecs' and policies' formulas, without running anything. Exact (equal
+/// to `bytes()`) for every codec without eviction and for the evicting policies over fp16
+/// storage. For eviction over a compressed codec (gear-h2o, gear-sieve, group-h2o) the survivors
+/// are counted as if they had been compressed as one fresh prompt: an estimate, since evicting
+/// rows from compressed blocks keeps each block's shared scales and factors.
+pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_prompt: usize, n_decode: usize) -> Result<KvBytes> {
+    use crate::kv::codec::{Fp16Codec, GearConfig, GroupConfig, UniformConfig};
+    use crate::kv::policy::Budget;
+    let n_total = n_prompt + n_decode;
+    let held = if spec.policy == "keep_all" {
+        n_total
+    } else {
+        let budget = spec.policy_params.budget.context("an evicting strategy needs a budget")?;
+        let sinks = spec.policy_params.sinks.unwrap_or(if spec.policy == "window" { 4 } else { 0 });
+        Budget::from_f64(budget)?.resolve(n_prompt, sinks)?.min(n_total)
+    };
+    let (p, d) = if held == n_total { (n_prompt, n_decode) } else { (held.min(n_prompt), held - held.min(n_prompt)) };
+    let c = &spec.codec_params;
+    let mut b = match spec.codec.as_str() {
+        "fp16" => Fp16Codec::formula_bytes(n_kv_heads, head_dim, held),
+        "uniform" => UniformConfig::from_params(c)?.formula_bytes(n_kv_heads, head_dim, held),
+        "group" => GroupConfig::from_params(c)?.formula_bytes(n_kv_heads, head_dim, held),
+        "gear" => GearConfig::from_params(c)?.formula_bytes(n_kv_heads, head_dim, p, d),
+        other => bail!("unknown codec {other}"),
+    };
+    b.policy = match spec.policy.as_str() {
+        "h2o" => n_kv_heads * held * 4,
+        "sieve" => n_kv_heads * 8 * held.div_ceil(64),
+        _ => 0,
+    };
+    Ok(b)
+}
+
+/// Whether `formula_bytes` is exact for this strategy (see there).
+pub fn formula_is_exact(spec: &StrategySpec) -> bool {
+    spec.policy == "keep_all" || spec.codec == "fp16"
+}

@@ -1,0 +1,227 @@
+//! `kvgear memory`: the bytes a model, its KV cache (by component) and its scratch buffers take
+//! for a config, context length, batch size and strategy, from formulas alone; and the inverse
+//! questions: the longest context and the largest batch that fit in a memory budget.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::kv::codec::KvBytes;
+use crate::kv::strategy::{formula_bytes, formula_is_exact, StrategySpec};
+use crate::model::config::Config;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct MemoryArgs {
+    /// A named config (llama2-7b, llama3-8b, smollm2-135m, ...) or a GGUF file.
+    #[arg(long, default_value = "llama2-7b")]
+    pub config: String,
+    /// Weight type for a named config (the output matrix as `synth` picks it).
+    #[arg(long, default_value = "q4_0")]
+    pub weights: String,
+    /// Context length (prompt tokens).
+    #[arg(long, default_value_t = 4096)]
+    pub ctx: usize,
+    /// Tokens decoded after the prompt.
+    #[arg(long, default_value_t = 0)]
+    pub decode: usize,
+    /// Sequences in the batch, each with its own cache.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value = "fp16")]
+    pub strategy: String,
+    #[arg(long = "kv")]
+    pub kv: Vec<String>,
+    /// A memory budget (`8GiB`, `24GiB`, `80GiB`, `512MiB`): also print the longest context at
+    /// this batch and the largest batch at this context that fit.
+    #[arg(long)]
+    pub budget: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct MemoryReport {
+    pub config: String,
+    pub weights: String,
+    pub strategy: String,
+    pub params: String,
+    pub ctx: usize,
+    pub decode: usize,
+    pub batch: usize,
+    pub weight_bytes: u64,
+    pub kv: KvBytes,
+    pub kv_bytes: u64,
+    pub kv_bytes_fp16: u64,
+    pub kv_exact: bool,
+    pub scratch_bytes: u64,
+    pub total_bytes: u64,
+    pub budget_bytes: Option<u64>,
+    pub max_ctx: Option<usize>,
+    pub max_batch: Option<usize>,
+}
+
+/// Parses `8GiB`, `512MiB`, `1.5GB`, or a plain byte count.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.trim().parse().with_context(|| format!("'{s}' is not a size like 8GiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        u => bail!("unknown size unit '{u}' in '{s}' (B, KiB, MiB, GiB, KB, MB, GB)"),
+    };
+    if !(v >= 0.0 && v.is_finite()) {
+        bail!("size '{s}' must be a non-negative number");
+    }
+    Ok((v * mult) as u64)
+}
+
+/// KV bytes of the whole model (all layers, all sequences).
+fn kv_total(spec: &StrategySpec, cfg: &Config, ctx: usize, decode: usize, batch: usize) -> Result<KvBytes> {
+    let layer = formula_bytes(spec, cfg.n_kv_heads, cfg.head_dim, ctx, decode)?;
+    let n = (cfg.n_layers * batch) as u64;
+    let m = |x: usize| (x as u64 * n) as usize;
+    Ok(KvBytes {
+        codes: m(layer.codes),
+        scales: m(layer.scales),
+        lowrank: m(layer.lowrank),
+        outliers: m(layer.outliers),
+        fp16: m(layer.fp16),
+        policy: m(layer.policy),
+    })
+}
+
+/// Scratch activations of one forward batch of `n_batch` tokens (the session's buffers).
+fn scratch_bytes(cfg: &Config, n_batch: usize, batch: usize) -> u64 {
+    let per_token = 3 * cfg.n_embd + 2 * cfg.q_dim() + 2 * cfg.kv_dim() + 2 * cfg.n_ff + cfg.n_vocab;
+    (per_token * n_batch * 4 * batch) as u64
+}
+
+pub fn report(a: &MemoryArgs) -> Result<MemoryReport> {
+    let spec = StrategySpec::parse(&a.strategy, &a.kv, 0)?;
+    if a.ctx == 0 || a.batch == 0 {
+        bail!("--ctx and --batch must be positive");
+    }
+    let (cfg, weight_bytes, weights) = if std::path::Path::new(&a.config).is_file() {
+        let m = crate::model::Model::load(&PathBuf::from(&a.config))?;
+        let types: Vec<String> = m.weights.bytes_by_type().keys().map(|s| s.to_string()).collect();
+        (m.config.clone(), m.weights.bytes() as u64, types.join("+"))
+    } else {
+        let cfg = Config::named(&a.config)?;
+        let ty = crate::synth::parse_type(&a.weights)?;
+        let out = crate::synth::default_output_type(ty);
+        let tied = a.config == "smollm2-135m";
+        let label = if out == ty || tied { ty.name().to_string() } else { format!("{ty} (output {out})") };
+        (cfg.clone(), crate::synth::tensor_bytes(&cfg, ty, out, tied)?, label)
+    };
+    let kv = kv_total(&spec, &cfg, a.ctx, a.decode, a.batch)?;
+    let kv_fp16 = (cfg.kv_bytes_per_token_fp16() * (a.ctx + a.decode) * a.batch) as u64;
+    let scratch = scratch_bytes(&cfg, 64.min(a.ctx), a.batch);
+    let total = weight_bytes + kv.total() as u64 + scratch;
+    let budget = a.budget.as_deref().map(parse_bytes).transpose()?;
+    let fits = |ctx: usize, batch: usize| -> Result<bool> {
+        let kv = kv_total(&spec, &cfg, ctx, a.decode, batch)?.total() as u64;
+        Ok(weight_bytes + kv + scratch_bytes(&cfg, 64.min(ctx), batch) <= budget.unwrap_or(0))
+    };
+    let (max_ctx, max_batch) = match budget {
+        None => (None, None),
+        Some(_) => {
+            let largest = |f: &dyn Fn(usize) -> Result<bool>| -> Result<usize> {
+                if !f(1)? {
+                    return Ok(0);
+                }
+                let (mut lo, mut hi) = (1usize, 2usize);
+                while hi < (1 << 30) && f(hi)? {
+                    lo = hi;
+                    hi *= 2;
+                }
+                while hi - lo > 1 {
+                    let mid = lo + (hi - lo) / 2;
+                    if f(mid)? {
+                        lo = mid;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                Ok(lo)
+            };
+            (Some(largest(&|c| fits(c, a.batch))?), Some(largest(&|b| fits(a.ctx, b))?))
+        }
+    };
+    Ok(MemoryReport {
+        config: a.config.clone(),
+        weights,
+        strategy: spec.name.clone(),
+        params: spec.params_string(),
+        ctx: a.ctx,
+        decode: a.decode,
+        batch: a.batch,
+        weight_bytes,
+        kv_bytes: kv.total() as u64,
+        kv,
+        kv_bytes_fp16: kv_fp16,
+        kv_exact: formula_is_exact(&spec),
+        scratch_bytes: scratch,
+        total_bytes: total,
+        budget_bytes: budget,
+        max_ctx,
+        max_batch,
+    })
+}
+
+pub fn run(a: &MemoryArgs) -> Result<()> {
+    let r = report(a)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    println!("model      {} with {} weights: {:.3} GiB", r.config, r.weights, gib(r.weight_bytes));
+    println!("workload   {} prompt + {} decoded tokens, batch {}", r.ctx, r.decode, r.batch);
+    println!(
+        "KV cache   {} {}: {:.3} GiB{} (fp16 {:.3} GiB, {:.2}x)",
+        r.strategy,
+        r.params,
+        gib(r.kv_bytes),
+        if r.kv_exact { "" } else { " (estimate: eviction inside compressed blocks)" },
+        gib(r.kv_bytes_fp16),
+        r.kv_bytes_fp16 as f64 / r.kv_bytes.max(1) as f64
+    );
+    println!(
+        "  by part  codes {:.1}, scales {:.1}, low-rank {:.1}, outliers {:.1}, fp16 {:.1}, policy {:.1} MiB",
+        mib(r.kv.codes),
+        mib(r.kv.scales),
+        mib(r.kv.lowrank),
+        mib(r.kv.outliers),
+        mib(r.kv.fp16),
+        mib(r.kv.policy)
+    );
+    println!("scratch    {:.3} GiB (one 64-token batch of activations)", gib(r.scratch_bytes));
+    println!("total      {:.3} GiB", gib(r.total_bytes));
+    if let (Some(b), Some(c), Some(n)) = (r.budget_bytes, r.max_ctx, r.max_batch) {
+        println!("in {:.2} GiB: longest context {c} at batch {}; largest batch {n} at context {}", gib(b), r.batch, r.ctx);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("8GiB").unwrap(), 8 << 30);
+        assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
+        assert!(parse_bytes("8 parsecs").is_err());
+        assert!(parse_bytes("-1GiB").is_err());
+    }
+}
