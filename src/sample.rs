@@ -101,6 +101,19 @@ pub fn greedy(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// log-softmax of a whole row, computed in f64.
+pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    logits.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// KL(p || q) in nats between the next-token distributions of two rows of logits.
+pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    let (p, q) = (log_softmax(p_logits), log_softmax(q_logits));
+    p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum()
+}
+
 /// log-softmax of `logits` at `target`, computed in f64.
 pub fn log_prob(logits: &[f32], target: usize) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;

@@ -90,13 +90,7 @@ fn reference_and_fast_backends_agree_on_the_real_model() {
     let n_vocab = m.config.n_vocab;
     for t in 0..toks.len() {
         let (rr, fr) = (&r[t * n_vocab..(t + 1) * n_vocab], &f[t * n_vocab..(t + 1) * n_vocab]);
-        let log_softmax = |v: &[f32]| {
-            let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
-            v.iter().map(|&x| x as f64 - lse).collect::<Vec<f64>>()
-        };
-        let (lr, lf) = (log_softmax(rr), log_softmax(fr));
-        let kl: f64 = lr.iter().zip(&lf).map(|(a, b)| a.exp() * (a - b)).sum();
+        let kl = kvgear::sample::kl_divergence(rr, fr);
         eprintln!("position {t}: KL {kl:.5}");
         assert!(kl < REF_FAST_KL_TOL, "position {t}: KL {kl}");
         assert_eq!(greedy(rr), greedy(fr), "position {t}: top tokens differ");

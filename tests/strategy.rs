@@ -22,16 +22,6 @@ fn tiny(test: &str) -> Model {
     Model::load(&path).unwrap()
 }
 
-fn kl(a: &[f32], b: &[f32]) -> f64 {
-    let ls = |v: &[f32]| {
-        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
-        v.iter().map(|&x| x as f64 - lse).collect::<Vec<f64>>()
-    };
-    let (pa, pb) = (ls(a), ls(b));
-    pa.iter().zip(&pb).map(|(x, y)| x.exp() * (x - y)).sum()
-}
-
 /// Runs a 96-token prompt and 40 decode steps; returns the last logits and the session's bytes.
 fn run(m: &Model, spec: &StrategySpec) -> (Vec<f32>, kvgear::kv::codec::KvBytes, usize) {
     let b = Cpu::fast();
@@ -88,12 +78,12 @@ fn a_cache_that_evicts_nothing_matches_the_plain_cache() {
     // A window larger than the sequence keeps everything, through the codec path.
     let spec = StrategySpec::parse("window", &["budget=1000".into()], 0).unwrap();
     let (l, _, _) = run(&m, &spec);
-    let d = kl(&plain, &l);
+    let d = kvgear::sample::kl_divergence(&plain, &l);
     assert!(d < SAME_KL, "KL {d}");
     // So does an H2O budget above the length.
     let spec = StrategySpec::parse("h2o", &["budget=1000".into()], 0).unwrap();
     let (l, _, _) = run(&m, &spec);
-    assert!(kl(&plain, &l) < SAME_KL);
+    assert!(kvgear::sample::kl_divergence(&plain, &l) < SAME_KL);
 }
 
 #[test]
@@ -103,7 +93,7 @@ fn eight_bit_codecs_stay_close_to_fp16() {
     for name in ["uniform", "group", "gear"] {
         let spec = StrategySpec::parse(name, &["bits=8".into()], 0).unwrap();
         let (l, _, _) = run(&m, &spec);
-        let d = kl(&plain, &l);
+        let d = kvgear::sample::kl_divergence(&plain, &l);
         assert!(d < 10.0 * SAME_KL, "{name} at 8 bits: KL {d}");
     }
 }

@@ -13,7 +13,7 @@ use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::model::llama::{DeviceWeights, Logits, Session};
 use crate::model::Model;
-use crate::sample::{greedy, log_prob};
+use crate::sample::{greedy, log_prob, log_softmax};
 
 /// The built-in workload's text: a chain-of-thought style passage (written for kvgear), repeated
 /// as needed to reach the requested prompt length.
@@ -511,13 +511,6 @@ pub struct CompareRow {
     pub kv_bytes: usize,
     pub kv_bytes_fp16: usize,
     pub compression: f64,
-}
-
-/// log-softmax of a row, f64.
-fn log_softmax(v: &[f32]) -> Vec<f64> {
-    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
-    v.iter().map(|&x| x as f64 - lse).collect()
 }
 
 /// `kvgear compare`: the strategy against the fp16 cache on the same tokens. The first `prefix`

@@ -275,24 +275,7 @@ impl CudaRuntime {
         G: DevicePtrMut<f32>,
         U: DevicePtr<f32>,
     {
-        let k = "kv_silu_mul_f32";
-        check_len(k, "gate", gate.len(), n)?;
-        check_len(k, "up", up.len(), n)?;
-        let p = KvElementwiseParams {
-            n: to_u32(k, "n", n)?,
-        };
-        if n == 0 {
-            return Ok(());
-        }
-        let stream = &*self.stream;
-        let cfg = elementwise_config(n);
-        let (gp, _gg) = gate.device_ptr_mut(stream);
-        let (up_ptr, _ug) = up.device_ptr(stream);
-        let mut launch = stream.launch_builder(&self.layers.silu_mul);
-        launch.arg(&gp).arg(&up_ptr).arg(&p);
-        // SAFETY: argument types and order match the kernel; lengths were checked above.
-        unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))?;
-        Ok(())
+        self.launch_in_place("kv_silu_mul_f32", &self.layers.silu_mul, ("gate", gate), ("up", up), n)
     }
 
     /// Residual add in place (`reference::add`): `x += y`, both `[n]`.
@@ -301,9 +284,24 @@ impl CudaRuntime {
         X: DevicePtrMut<f32>,
         Y: DevicePtr<f32>,
     {
-        let k = "kv_add_f32";
-        check_len(k, "x", x.len(), n)?;
-        check_len(k, "y", y.len(), n)?;
+        self.launch_in_place("kv_add_f32", &self.layers.add, ("x", x), ("y", y), n)
+    }
+
+    /// Launches an elementwise kernel `(a, b, params)` that updates `a[..n]` from `b[..n]`.
+    fn launch_in_place<A, B>(
+        &self,
+        k: &str,
+        func: &CudaFunction,
+        (a_name, a): (&str, &mut A),
+        (b_name, b): (&str, &B),
+        n: usize,
+    ) -> Result<()>
+    where
+        A: DevicePtrMut<f32>,
+        B: DevicePtr<f32>,
+    {
+        check_len(k, a_name, a.len(), n)?;
+        check_len(k, b_name, b.len(), n)?;
         let p = KvElementwiseParams {
             n: to_u32(k, "n", n)?,
         };
@@ -312,11 +310,12 @@ impl CudaRuntime {
         }
         let stream = &*self.stream;
         let cfg = elementwise_config(n);
-        let (xp, _xg) = x.device_ptr_mut(stream);
-        let (yp, _yg) = y.device_ptr(stream);
-        let mut launch = stream.launch_builder(&self.layers.add);
-        launch.arg(&xp).arg(&yp).arg(&p);
-        // SAFETY: argument types and order match the kernel; lengths were checked above.
+        let (ap, _ag) = a.device_ptr_mut(stream);
+        let (bp, _bg) = b.device_ptr(stream);
+        let mut launch = stream.launch_builder(func);
+        launch.arg(&ap).arg(&bp).arg(&p);
+        // SAFETY: both elementwise kernels take (float *a, const float *b, params) in this order;
+        // lengths were checked above.
         unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))?;
         Ok(())
     }
