@@ -14,6 +14,7 @@
 //! download).
 
 pub mod ffi;
+pub mod kv;
 mod layers;
 pub mod selftest;
 
