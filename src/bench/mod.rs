@@ -540,8 +540,10 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     let dw = DeviceWeights::new(&backend, &model.weights)?;
     let n_ctx = tokens.len().max(prefix + a.gen) + 1;
     let base_spec = crate::kv::strategy::StrategySpec::fp16();
-    let mut base = Session::with_strategy(&backend, &model.config, &dw, n_ctx, 64, &base_spec)?;
-    let mut strat = Session::with_strategy(&backend, &model.config, &dw, n_ctx, 64, &spec)?;
+    // The prefix is prefilled as one batch, as the GEAR and H2O reference code runs a prompt:
+    // its attention is exact, H2O ranks it whole, and GEAR compresses it as one block.
+    let mut base = Session::with_strategy(&backend, &model.config, &dw, n_ctx, prefix, &base_spec)?;
+    let mut strat = Session::with_strategy(&backend, &model.config, &dw, n_ctx, prefix, &spec)?;
     let (mut kl, mut agree, mut nll_b, mut nll_s, mut n) = (0.0f64, 0usize, 0.0f64, 0.0f64, 0usize);
     let mut step = |lb: &[f32], ls: &[f32], next: Option<u32>| {
         let (pb, ps) = (log_softmax(lb), log_softmax(ls));
