@@ -363,21 +363,25 @@ mod x86 {
     }
 
     macro_rules! dot_rows {
-        ($name:ident, $inner:ident, $feat:literal, $idot:ident) => {
-            /// Dot products of one weight row with up to 4 quantized activation rows; the block
+        ($name:ident, $name_n:ident, $inner:ident, $feat:literal, $idot:ident) => {
+            /// Dot products of one weight row with N quantized activation rows; the block
             /// layout is a compile-time choice so the inner loop has no branches.
             #[target_feature(enable = $feat)]
-            unsafe fn $inner<const INT8: bool, const MIN: bool, const FIVE: bool>(
+            unsafe fn $inner<const INT8: bool, const MIN: bool, const FIVE: bool, const N: usize>(
                 k: BlockKind,
                 row: &[u8],
                 xs: &[&Q8Row],
                 out: &mut [f32],
             ) {
-                let n = xs.len();
-                debug_assert!(n >= 1 && n <= 4 && out.len() >= n);
+                debug_assert!(xs.len() >= N && out.len() >= N);
                 let nb = row.len() / k.bytes;
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut tail = [0.0f32; 4];
+                // N is a constant so the token loops unroll and the accumulators stay in registers.
+                let mut acc = [_mm256_setzero_ps(); N];
+                let mut tail = [0.0f32; N];
+                let xq: [*const i8; N] = std::array::from_fn(|t| xs[t].qs.as_ptr());
+                let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
+                let xsm: [*const f32; N] = std::array::from_fn(|t| xs[t].s.as_ptr());
+                let xsum: [*const i32; N] = std::array::from_fn(|t| xs[t].sum.as_ptr());
                 let p = row.as_ptr();
                 let offset = k.offset;
                 for b in 0..nb {
@@ -386,49 +390,60 @@ mod x86 {
                     if INT8 {
                         let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
                         let aw = _mm256_sign_epi8(w, w);
-                        for t in 0..n {
-                            let x = _mm256_loadu_si256(xs[t].qs.as_ptr().add(b * 32) as *const __m256i);
+                        for t in 0..N {
+                            let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
                             let sx = _mm256_sign_epi8(x, w);
                             let s = _mm256_cvtepi32_ps($idot(aw, sx));
-                            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xs[t].d.get_unchecked(b)), s, acc[t]);
+                            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xd[t].add(b)), s, acc[t]);
                         }
                     } else {
                         let w = codes_u8(k, blk);
                         let m = if MIN { f16_at(blk.add(2)) } else { 0.0 };
-                        for t in 0..n {
-                            let x = _mm256_loadu_si256(xs[t].qs.as_ptr().add(b * 32) as *const __m256i);
+                        for t in 0..N {
+                            let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
                             let s = _mm256_cvtepi32_ps($idot(w, x));
-                            let dx = *xs[t].d.get_unchecked(b);
+                            let dx = *xd[t].add(b);
                             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), s, acc[t]);
                             if MIN {
                                 // llama.cpp's `summs += m * s`, which GCC contracts to an FMA.
-                                tail[t] = m.mul_add(*xs[t].s.get_unchecked(b), tail[t]);
+                                tail[t] = m.mul_add(*xsm[t].add(b), tail[t]);
                             } else {
-                                tail[t] -= d * dx * (offset * *xs[t].sum.get_unchecked(b)) as f32;
+                                tail[t] -= d * dx * (offset * *xsum[t].add(b)) as f32;
                             }
                         }
                     }
                 }
-                for t in 0..n {
+                for t in 0..N {
                     out[t] = hsum(acc[t]) + tail[t];
                 }
             }
 
             #[target_feature(enable = $feat)]
-            pub unsafe fn $name(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+            unsafe fn $name_n<const N: usize>(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
                 match (k.int8, k.has_min, k.five_bit) {
-                    (true, _, _) => $inner::<true, false, false>(k, row, xs, out),
-                    (false, false, false) => $inner::<false, false, false>(k, row, xs, out),
-                    (false, true, false) => $inner::<false, true, false>(k, row, xs, out),
-                    (false, false, true) => $inner::<false, false, true>(k, row, xs, out),
-                    (false, true, true) => $inner::<false, true, true>(k, row, xs, out),
+                    (true, _, _) => $inner::<true, false, false, N>(k, row, xs, out),
+                    (false, false, false) => $inner::<false, false, false, N>(k, row, xs, out),
+                    (false, true, false) => $inner::<false, true, false, N>(k, row, xs, out),
+                    (false, false, true) => $inner::<false, false, true, N>(k, row, xs, out),
+                    (false, true, true) => $inner::<false, true, true, N>(k, row, xs, out),
+                }
+            }
+
+            /// Dot products of one weight row with 1 to 4 quantized activation rows.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $name(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+                match xs.len() {
+                    1 => $name_n::<1>(k, row, xs, out),
+                    2 => $name_n::<2>(k, row, xs, out),
+                    3 => $name_n::<3>(k, row, xs, out),
+                    _ => $name_n::<4>(k, row, xs, out),
                 }
             }
         };
     }
 
-    dot_rows!(dot_rows_avx2, dot_rows_avx2_impl, "avx2,fma,f16c", idot_avx2);
-    dot_rows!(dot_rows_vnni, dot_rows_vnni_impl, "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw", idot_vnni);
+    dot_rows!(dot_rows_avx2, dot_rows_avx2_n, dot_rows_avx2_impl, "avx2,fma,f16c", idot_avx2);
+    dot_rows!(dot_rows_vnni, dot_rows_vnni_n, dot_rows_vnni_impl, "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw", idot_vnni);
 
     /// f32 dot product of two equal-length slices.
     #[target_feature(enable = "avx2,fma")]
