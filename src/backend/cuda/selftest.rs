@@ -908,6 +908,18 @@ pub fn microbench(rt: &CudaRuntime, iters: usize, seed: u64) -> Result<Vec<Bench
     Ok(lines)
 }
 
+/// Device-to-device copy bandwidth: `iters` timed copies of `bytes` bytes (after a warm-up),
+/// (read + written bytes) / median time, in 1e9 bytes per second.
+pub fn copy_bandwidth_gb_s(rt: &CudaRuntime, bytes: usize, iters: usize) -> Result<f64> {
+    let n = bytes / 4;
+    let src = rt.zeros::<f32>(n)?;
+    let mut dst = rt.zeros::<f32>(n)?;
+    let (median_ms, _) = time(rt, iters.max(1), || {
+        rt.stream().memcpy_dtod(&src, &mut dst).map_err(|e| anyhow!("device copy of {bytes} bytes: {e}"))
+    })?;
+    Ok(2.0 * (n * 4) as f64 / (median_ms * 1e-3) / 1e9)
+}
+
 fn bench_line(
     kernel: &'static str,
     shape: String,
