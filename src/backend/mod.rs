@@ -147,3 +147,19 @@ pub fn with_backend<W: WithBackend>(device: &str, job: W) -> Result<W::Output> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceChoice;
+
+    #[test]
+    fn device_names_parse() {
+        assert_eq!(DeviceChoice::parse("auto").unwrap(), DeviceChoice::Auto);
+        assert_eq!(DeviceChoice::parse("cpu-ref").unwrap(), DeviceChoice::CpuRef);
+        assert_eq!(DeviceChoice::parse("cuda").unwrap(), DeviceChoice::Cuda(0));
+        assert_eq!(DeviceChoice::parse("cuda:3").unwrap(), DeviceChoice::Cuda(3));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1"] {
+            assert!(DeviceChoice::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

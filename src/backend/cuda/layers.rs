@@ -482,6 +482,18 @@ mod tests {
             "kv_silu_mul_f32",
             "kv_add_f32",
             "kv_argmax_f32",
+            "kv_add_bias_f32",
+            "kv_gather_rows_u32",
+            "kv_gemv_q4_0_t1",
+            "kv_gemv_q4_k_t4",
+            "kv_gemm_q6_k",
+            "kv_embed",
+            "kv_attn_decode_d128",
+            "kv_attn_decode_d128_mass",
+            "kv_attn_prefill_d64_mass",
+            "kv_attn_combine",
+            "kv_attn_mass",
+            "kv_cache_append",
         ] {
             assert!(report.contains(k), "{k} missing from the ptxas report");
         }

@@ -21,6 +21,7 @@ pub mod kv_fp16;
 mod layers;
 pub mod quant;
 pub mod selftest;
+mod selftest_model;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
