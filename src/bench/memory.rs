@@ -107,6 +107,52 @@ fn kv_total(spec: &StrategySpec, cfg: &Config, ctx: usize, decode: usize, batch:
     })
 }
 
+/// The memory a run takes on its backend, by part, computed before anything is allocated
+/// (`Backend::check_memory` compares it with what the device has free).
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct MemoryPlan {
+    /// Weight matrices as stored (device padding included) plus f32 vectors.
+    pub weight_bytes: u64,
+    /// What the caches hold at the end of the context, by component (formulas).
+    pub kv: KvBytes,
+    /// What the caches reserve up front (the device allocates whole capacities).
+    pub kv_reserved_bytes: u64,
+    /// Activation buffers, attention partials and scores, eviction scratch.
+    pub scratch_bytes: u64,
+}
+
+impl MemoryPlan {
+    pub fn total(&self) -> u64 {
+        self.weight_bytes + self.kv_reserved_bytes + self.scratch_bytes
+    }
+}
+
+/// Streaming multiprocessors assumed when sizing the decode attention's split partials (more
+/// than any current GPU has).
+const MAX_MULTIPROCESSORS: u64 = 256;
+
+/// The device memory plan of a session of `n_ctx` tokens in batches of `n_batch` under `spec`:
+/// weights as uploaded (each matrix once, padded), every layer's reserved cache, activations,
+/// attention scratch (partials; scores when the policy wants mass) and eviction scratch.
+pub fn device_plan(cfg: &Config, w: &crate::model::weights::Weights, spec: &StrategySpec, n_ctx: usize, n_batch: usize) -> Result<MemoryPlan> {
+    use crate::backend::cuda::{backend::layer_reserved_bytes, DeviceWeight};
+    let mats: u64 = w.matrices().iter().map(|t| DeviceWeight::padded_bytes(t.n_bytes()) as u64).sum();
+    let vectors = (w.bytes() - w.matrices().iter().map(|t| t.n_bytes()).sum::<usize>()) as u64;
+    let layer = layer_reserved_bytes(spec, cfg.n_kv_heads, cfg.head_dim, n_ctx)? as u64;
+    let nb = n_batch.min(n_ctx).max(1) as u64;
+    let rows = nb * cfg.n_heads as u64;
+    let hd = cfg.head_dim as u64;
+    let wants_mass = spec.policy == "h2o" || spec.policy == "sieve";
+    let attention = 4 * (rows * (4 + hd) + MAX_MULTIPROCESSORS * 4 * (2 + hd) + if wants_mass { rows * n_ctx as u64 } else { 0 });
+    let eviction = if spec.policy == "keep_all" { 0 } else { (cfg.n_kv_heads * n_ctx * cfg.head_dim * 2) as u64 };
+    Ok(MemoryPlan {
+        weight_bytes: mats + vectors,
+        kv: kv_total(spec, cfg, n_ctx, 0, 1, nb as usize)?,
+        kv_reserved_bytes: layer * cfg.n_layers as u64,
+        scratch_bytes: scratch_bytes(cfg, nb as usize, 1) + attention + eviction,
+    })
+}
+
 /// Scratch activations of one forward batch of `n_batch` tokens (the session's buffers).
 fn scratch_bytes(cfg: &Config, n_batch: usize, batch: usize) -> u64 {
     let per_token = 3 * cfg.n_embd + 2 * cfg.q_dim() + 2 * cfg.kv_dim() + 2 * cfg.n_ff + cfg.n_vocab;
