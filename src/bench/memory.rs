@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::kv::codec::KvBytes;
-use crate::kv::strategy::{formula_bytes, formula_is_exact, StrategySpec};
+use crate::kv::strategy::{formula_bytes_chunked, formula_is_exact, StrategySpec};
 use crate::model::config::Config;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -28,6 +28,10 @@ pub struct MemoryArgs {
     /// Sequences in the batch, each with its own cache.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Prompt tokens per forward pass (bench's and the session's `--batch`): the prompt reaches
+    /// the cache in chunks of this size, which shapes GEAR's blocks and the scratch buffers.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_batch: usize,
     #[arg(long, default_value = "fp16")]
     pub strategy: String,
     #[arg(long = "kv")]
@@ -38,6 +42,9 @@ pub struct MemoryArgs {
     pub budget: Option<String>,
     #[arg(long)]
     pub json: bool,
+    /// Also append the figures as a row to this CSV.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -84,8 +91,8 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
 }
 
 /// KV bytes of the whole model (all layers, all sequences).
-fn kv_total(spec: &StrategySpec, cfg: &Config, ctx: usize, decode: usize, batch: usize) -> Result<KvBytes> {
-    let layer = formula_bytes(spec, cfg.n_kv_heads, cfg.head_dim, ctx, decode)?;
+fn kv_total(spec: &StrategySpec, cfg: &Config, ctx: usize, chunk: usize, decode: usize, batch: usize) -> Result<KvBytes> {
+    let layer = formula_bytes_chunked(spec, cfg.n_kv_heads, cfg.head_dim, ctx, chunk, decode)?;
     let n = (cfg.n_layers * batch) as u64;
     let m = |x: usize| (x as u64 * n) as usize;
     Ok(KvBytes {
@@ -106,8 +113,8 @@ fn scratch_bytes(cfg: &Config, n_batch: usize, batch: usize) -> u64 {
 
 pub fn report(a: &MemoryArgs) -> Result<MemoryReport> {
     let spec = StrategySpec::parse(&a.strategy, &a.kv, 0)?;
-    if a.ctx == 0 || a.batch == 0 {
-        bail!("--ctx and --batch must be positive");
+    if a.ctx == 0 || a.batch == 0 || a.prompt_batch == 0 {
+        bail!("--ctx, --batch and --prompt-batch must be positive");
     }
     let (cfg, weight_bytes, weights) = if std::path::Path::new(&a.config).is_file() {
         let m = crate::model::Model::load(&PathBuf::from(&a.config))?;
@@ -121,14 +128,14 @@ pub fn report(a: &MemoryArgs) -> Result<MemoryReport> {
         let label = if out == ty || tied { ty.name().to_string() } else { format!("{ty} (output {out})") };
         (cfg.clone(), crate::synth::tensor_bytes(&cfg, ty, out, tied)?, label)
     };
-    let kv = kv_total(&spec, &cfg, a.ctx, a.decode, a.batch)?;
+    let kv = kv_total(&spec, &cfg, a.ctx, a.prompt_batch, a.decode, a.batch)?;
     let kv_fp16 = (cfg.kv_bytes_per_token_fp16() * (a.ctx + a.decode) * a.batch) as u64;
-    let scratch = scratch_bytes(&cfg, 64.min(a.ctx), a.batch);
+    let scratch = scratch_bytes(&cfg, a.prompt_batch.min(a.ctx), a.batch);
     let total = weight_bytes + kv.total() as u64 + scratch;
     let budget = a.budget.as_deref().map(parse_bytes).transpose()?;
     let fits = |ctx: usize, batch: usize| -> Result<bool> {
-        let kv = kv_total(&spec, &cfg, ctx, a.decode, batch)?.total() as u64;
-        Ok(weight_bytes + kv + scratch_bytes(&cfg, 64.min(ctx), batch) <= budget.unwrap_or(0))
+        let kv = kv_total(&spec, &cfg, ctx, a.prompt_batch, a.decode, batch)?.total() as u64;
+        Ok(weight_bytes + kv + scratch_bytes(&cfg, a.prompt_batch.min(ctx), batch) <= budget.unwrap_or(0))
     };
     let (max_ctx, max_batch) = match budget {
         None => (None, None),
@@ -176,8 +183,69 @@ pub fn report(a: &MemoryArgs) -> Result<MemoryReport> {
     })
 }
 
+/// A `MemoryReport` as one flat CSV row (the columns results/README.md documents).
+#[derive(Serialize, Clone, Debug)]
+pub struct MemoryRow {
+    pub config: String,
+    pub weights: String,
+    pub strategy: String,
+    pub params: String,
+    pub ctx: usize,
+    pub decode: usize,
+    pub batch: usize,
+    pub weight_bytes: u64,
+    pub kv_bytes: u64,
+    pub kv_codes: usize,
+    pub kv_scales: usize,
+    pub kv_lowrank: usize,
+    pub kv_outliers: usize,
+    pub kv_fp16: usize,
+    pub kv_policy: usize,
+    pub kv_bytes_fp16: u64,
+    pub compression: f64,
+    pub kv_exact: bool,
+    pub scratch_bytes: u64,
+    pub total_bytes: u64,
+    pub budget_bytes: Option<u64>,
+    pub max_ctx: Option<usize>,
+    pub max_batch: Option<usize>,
+}
+
+impl From<MemoryReport> for MemoryRow {
+    fn from(r: MemoryReport) -> MemoryRow {
+        MemoryRow {
+            config: r.config,
+            weights: r.weights,
+            strategy: r.strategy,
+            params: r.params,
+            ctx: r.ctx,
+            decode: r.decode,
+            batch: r.batch,
+            weight_bytes: r.weight_bytes,
+            kv_bytes: r.kv_bytes,
+            kv_codes: r.kv.codes,
+            kv_scales: r.kv.scales,
+            kv_lowrank: r.kv.lowrank,
+            kv_outliers: r.kv.outliers,
+            kv_fp16: r.kv.fp16,
+            kv_policy: r.kv.policy,
+            kv_bytes_fp16: r.kv_bytes_fp16,
+            compression: r.kv_bytes_fp16 as f64 / r.kv_bytes.max(1) as f64,
+            kv_exact: r.kv_exact,
+            scratch_bytes: r.scratch_bytes,
+            total_bytes: r.total_bytes,
+            budget_bytes: r.budget_bytes,
+            max_ctx: r.max_ctx,
+            max_batch: r.max_batch,
+        }
+    }
+}
+
 pub fn run(a: &MemoryArgs) -> Result<()> {
     let r = report(a)?;
+    if let Some(csv) = &a.csv {
+        super::csvlog::append(csv, &MemoryRow::from(r.clone()))?;
+    }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -204,7 +272,7 @@ pub fn run(a: &MemoryArgs) -> Result<()> {
         mib(r.kv.fp16),
         mib(r.kv.policy)
     );
-    println!("scratch    {:.3} GiB (one 64-token batch of activations)", gib(r.scratch_bytes));
+    println!("scratch    {:.3} GiB (one {}-token batch of activations)", gib(r.scratch_bytes), a.prompt_batch.min(a.ctx));
     println!("total      {:.3} GiB", gib(r.total_bytes));
     if let (Some(b), Some(c), Some(n)) = (r.budget_bytes, r.max_ctx, r.max_batch) {
         println!("in {:.2} GiB: longest context {c} at batch {}; largest batch {n} at context {}", gib(b), r.batch, r.ctx);

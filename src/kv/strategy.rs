@@ -23,6 +23,32 @@ pub const STRATEGIES: [&str; 10] =
 /// Budget of the evicting strategies when `--kv budget=` is not given: half the prompt.
 pub const DEFAULT_BUDGET: f64 = 0.5;
 
+/// Every `--kv` parameter name.
+pub const PARAMS: [&str; 13] =
+    ["bits", "group", "residual", "rank", "rank_decode", "iters", "outliers", "buffer", "backbone", "budget", "recent", "sinks", "threshold"];
+
+/// Whether strategy `name` takes the `--kv` parameter `key` (through its codec or its policy).
+/// `group` is a GEAR parameter with the group backbone (its default) only.
+pub fn takes(name: &str, key: &str) -> Result<bool> {
+    if !PARAMS.contains(&key) {
+        bail!("unknown --kv parameter '{key}' ({})", PARAMS.join(", "));
+    }
+    let spec = StrategySpec::parse(name, &[], 0)?;
+    let codec: &[&str] = match spec.codec.as_str() {
+        "uniform" => &["bits", "buffer"],
+        "group" => &["bits", "group", "residual"],
+        "gear" => &["bits", "backbone", "group", "rank", "rank_decode", "iters", "outliers", "buffer"],
+        _ => &[],
+    };
+    let policy: &[&str] = match spec.policy.as_str() {
+        "window" => &["budget", "sinks"],
+        "h2o" => &["budget", "recent", "sinks"],
+        "sieve" => &["budget", "threshold", "sinks"],
+        _ => &[],
+    };
+    Ok(codec.contains(&key) || policy.contains(&key))
+}
+
 /// A strategy with its parameters, as `--strategy NAME --kv key=value ...` gives it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StrategySpec {
@@ -235,6 +261,19 @@ impl StrategyLayer {
 /// are counted as if they had been compressed as one fresh prompt: an estimate, since evicting
 /// rows from compressed blocks keeps each block's shared scales and factors.
 pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_prompt: usize, n_decode: usize) -> Result<KvBytes> {
+    formula_bytes_chunked(spec, n_kv_heads, head_dim, n_prompt, n_prompt, n_decode)
+}
+
+/// As `formula_bytes`, with the prompt appended `prompt_chunk` tokens at a time, as the forward
+/// pass does with prompt batches (this changes GEAR's blocks, see `GearConfig::formula_bytes_chunked`).
+pub fn formula_bytes_chunked(
+    spec: &StrategySpec,
+    n_kv_heads: usize,
+    head_dim: usize,
+    n_prompt: usize,
+    prompt_chunk: usize,
+    n_decode: usize,
+) -> Result<KvBytes> {
     use crate::kv::codec::{Fp16Codec, GearConfig, GroupConfig, UniformConfig};
     use crate::kv::policy::Budget;
     let n_total = n_prompt + n_decode;
@@ -251,7 +290,7 @@ pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_
         "fp16" => Fp16Codec::formula_bytes(n_kv_heads, head_dim, held),
         "uniform" => UniformConfig::from_params(c)?.formula_bytes(n_kv_heads, head_dim, held),
         "group" => GroupConfig::from_params(c)?.formula_bytes(n_kv_heads, head_dim, held),
-        "gear" => GearConfig::from_params(c)?.formula_bytes(n_kv_heads, head_dim, p, d),
+        "gear" => GearConfig::from_params(c)?.formula_bytes_chunked(n_kv_heads, head_dim, p, prompt_chunk, d),
         other => bail!("unknown codec {other}"),
     };
     b.policy = match spec.policy.as_str() {

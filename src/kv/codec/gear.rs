@@ -151,24 +151,79 @@ impl GearConfig {
     /// code bytes, its backbone's (step, zero) pairs, `(m + head_dim) r` f16 factors and
     /// `floor(s m head_dim)` outliers of (2- or 4-byte index, f16 value).
     pub fn formula_bytes(&self, n_kv_heads: usize, head_dim: usize, n_prompt: usize, n_decode: usize) -> KvBytes {
+        self.formula_bytes_chunked(n_kv_heads, head_dim, n_prompt, n_prompt, n_decode)
+    }
+
+    /// As `formula_bytes`, with the prompt appended `prompt_chunk` tokens at a time (the forward
+    /// pass's prompt batches; the last chunk holds the remainder). After each append the buffer's
+    /// oldest whole multiple of nb tokens becomes one block, at `rank` when the append had more
+    /// than one token and at `rank_decode` otherwise. The buffer's fill level after each full
+    /// chunk repeats with a period of at most nb chunks, so long prompts cost one period.
+    pub fn formula_bytes_chunked(&self, n_kv_heads: usize, head_dim: usize, n_prompt: usize, prompt_chunk: usize, n_decode: usize) -> KvBytes {
         let nb = self.buffer;
         let mut per_head = KvBytes::default();
-        let m0 = n_prompt / nb * nb;
-        if m0 > 0 {
-            per_head.add(&self.block_bytes(head_dim, m0, if n_prompt > 1 { self.rank } else { self.rank_decode }));
+        let mut buf = 0usize;
+        let step = |c: usize, buf: &mut usize, acc: &mut KvBytes| {
+            *buf += c;
+            if *buf >= nb {
+                let m = *buf / nb * nb;
+                acc.add(&self.block_bytes(head_dim, m, if c > 1 { self.rank } else { self.rank_decode }));
+                *buf -= m;
+            }
+        };
+        if n_prompt > 0 {
+            let chunk = prompt_chunk.clamp(1, n_prompt);
+            let (full, rest) = (n_prompt / chunk, n_prompt % chunk);
+            let mut first_seen = vec![usize::MAX; nb];
+            let mut before: Vec<KvBytes> = Vec::new();
+            let mut i = 0;
+            while i < full {
+                let start = first_seen[buf];
+                if start != usize::MAX {
+                    let period = i - start;
+                    let cycles = (full - i) / period;
+                    let gain = sub(&per_head, &before[start]);
+                    per_head.add(&scale(&gain, cycles));
+                    for _ in 0..(full - i) % period {
+                        step(chunk, &mut buf, &mut per_head);
+                    }
+                    break;
+                }
+                first_seen[buf] = i;
+                before.push(per_head);
+                step(chunk, &mut buf, &mut per_head);
+                i += 1;
+            }
+            if rest > 0 {
+                step(rest, &mut buf, &mut per_head);
+            }
         }
-        let total = n_prompt + n_decode;
-        let n_decode_blocks = (total / nb * nb - m0) / nb;
-        let decode_block = self.block_bytes(head_dim, nb, self.rank_decode);
-        for _ in 0..n_decode_blocks {
-            per_head.add(&decode_block);
-        }
-        per_head.fp16 = 2 * (total % nb) * head_dim * 2;
-        let mut all = KvBytes::default();
-        for _ in 0..n_kv_heads {
-            all.add(&per_head);
-        }
-        all
+        let n_decode_blocks = (buf + n_decode) / nb;
+        per_head.add(&scale(&self.block_bytes(head_dim, nb, self.rank_decode), n_decode_blocks));
+        per_head.fp16 = 2 * ((buf + n_decode) % nb) * head_dim * 2;
+        scale(&per_head, n_kv_heads)
+    }
+}
+
+fn sub(a: &KvBytes, b: &KvBytes) -> KvBytes {
+    KvBytes {
+        codes: a.codes - b.codes,
+        scales: a.scales - b.scales,
+        lowrank: a.lowrank - b.lowrank,
+        outliers: a.outliers - b.outliers,
+        fp16: a.fp16 - b.fp16,
+        policy: a.policy - b.policy,
+    }
+}
+
+fn scale(a: &KvBytes, n: usize) -> KvBytes {
+    KvBytes {
+        codes: a.codes * n,
+        scales: a.scales * n,
+        lowrank: a.lowrank * n,
+        outliers: a.outliers * n,
+        fp16: a.fp16 * n,
+        policy: a.policy * n,
     }
 }
 
@@ -263,4 +318,44 @@ mod tests {
             .collect();
         assert_eq!(after, kept, "seed {seed}");
     }
+
+    #[test]
+    fn chunked_prompt_bytes_follow_the_formula() {
+        let seed = Rng::seed_from_time();
+        let mut rng = Rng::new(seed);
+        let (heads, d) = (2, 32);
+        for (n_prompt, chunk, n_decode) in [(100, 64, 30), (200, 24, 5), (65, 1, 70), (64, 64, 0), (150, 150, 17), (7, 3, 60)] {
+            let cfg = GearConfig { group: 8, buffer: 16, ..GearConfig::default() };
+            let mut c = GearCodec::new(heads, d, cfg, seed).unwrap();
+            let mut left = n_prompt;
+            while left > 0 {
+                let n = left.min(chunk);
+                let k: Vec<f32> = (0..n * heads * d).map(|_| rng.normal()).collect();
+                c.append(&k, &k, n).unwrap();
+                left -= n;
+            }
+            for _ in 0..n_decode {
+                let k: Vec<f32> = (0..heads * d).map(|_| rng.normal()).collect();
+                c.append(&k, &k, 1).unwrap();
+            }
+            assert_eq!(c.bytes(), cfg.formula_bytes_chunked(heads, d, n_prompt, chunk, n_decode), "seed {seed}: {n_prompt} in chunks of {chunk}, {n_decode} decoded");
+        }
+        // The period shortcut gives what stepping through every chunk gives.
+        let cfg = GearConfig { group: 8, buffer: 24, outliers: 0.03, ..GearConfig::default() };
+        for (n, chunk) in [(100_000, 40), (99_999, 7), (12_345, 24), (5_000, 1)] {
+            let mut step_by_step = KvBytes::default();
+            let mut buf = 0;
+            for c in std::iter::repeat_n(chunk, n / chunk).chain((n % chunk > 0).then_some(n % chunk)) {
+                buf += c;
+                if buf >= 24 {
+                    let m = buf / 24 * 24;
+                    step_by_step.add(&cfg.block_bytes(d, m, if c > 1 { cfg.rank } else { cfg.rank_decode }));
+                    buf -= m;
+                }
+            }
+            step_by_step.fp16 = 2 * buf * d * 2;
+            assert_eq!(cfg.formula_bytes_chunked(1, d, n, chunk, 0), step_by_step, "{n} in chunks of {chunk}");
+        }
+    }
+
 }
