@@ -44,7 +44,8 @@ pub struct PlotArgs {
     /// Column whose value labels each Pareto-front point (e.g. `params`).
     #[arg(long)]
     pub label: Option<String>,
-    /// Keep only rows where COLUMN=VALUE (repeatable; all must hold).
+    /// Keep only rows where COLUMN=VALUE, or COLUMN=A|B|... for any of several values
+    /// (repeatable; all must hold).
     #[arg(long = "where")]
     pub filters: Vec<String>,
     #[arg(long, value_enum, default_value_t = Kind::Scatter)]
@@ -100,13 +101,13 @@ pub fn read_rows(path: &Path, filters: &[String]) -> Result<(Vec<String>, Vec<Ve
     for f in filters {
         let (c, v) = f.split_once('=').with_context(|| format!("--where {f}: expected COLUMN=VALUE"))?;
         let i = col(&header, c.trim(), path)?;
-        conds.push((i, v.trim().to_string()));
+        conds.push((i, v.split('|').map(|x| x.trim().to_string()).collect::<Vec<_>>()));
     }
     let mut rows = Vec::new();
     for (n, rec) in r.records().enumerate() {
         let rec = rec.with_context(|| format!("{}: row {}", path.display(), n + 2))?;
         let row: Vec<String> = rec.iter().map(str::to_string).collect();
-        if conds.iter().all(|(i, v)| row.get(*i).is_some_and(|x| x == v)) {
+        if conds.iter().all(|(i, vs)| row.get(*i).is_some_and(|x| vs.iter().any(|v| v == x))) {
             rows.push(row);
         }
     }
@@ -246,7 +247,7 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, a: &PlotArgs, data: &D
                 .margin(16)
                 .x_label_area_size(44)
                 .y_label_area_size(64)
-                .build_cartesian_2d((0..n).into_segmented(), 0.0..top * 1.08)
+                .build_cartesian_2d((0..n.saturating_sub(1)).into_segmented(), 0.0..top * 1.08)
                 .map_err(pe)?;
             let cats = categories.clone();
             chart
