@@ -105,6 +105,10 @@ enum Cmd {
     Memory(kvgear::bench::memory::MemoryArgs),
     /// Compare a KV strategy with the fp16 cache: KL, top-1 agreement, perplexity, first difference.
     Compare(kvgear::bench::CompareArgs),
+    /// Run a grid (TOML) of bench, compare or memory points, one CSV row per point; resumable.
+    Sweep(kvgear::bench::sweep::SweepArgs),
+    /// Chart a results CSV as SVG and PNG: scatter (with the Pareto front), line or stacked bars.
+    Plot(kvgear::bench::plot::PlotArgs),
     /// Run every CUDA kernel against the CPU reference on random inputs.
     Selftest {
         /// Seed of the random inputs (default: from the clock; printed).
@@ -217,6 +221,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Bench(a) => kvgear::bench::run(&a),
         Cmd::Compare(a) => kvgear::bench::compare(&a),
         Cmd::Memory(a) => kvgear::bench::memory::run(&a),
+        Cmd::Sweep(a) => kvgear::bench::sweep::run(&a),
+        Cmd::Plot(a) => kvgear::bench::plot::run(&a).map(|files| {
+            for f in files {
+                println!("{}", f.display());
+            }
+        }),
         Cmd::Selftest { seed, bench, csv, iters } => {
             let opts = kvgear::backend::cuda::selftest::Options { seed, bench, csv, iters };
             return kvgear::backend::cuda::selftest::command(&opts);
