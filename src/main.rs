@@ -103,6 +103,8 @@ enum Cmd {
     Memory(kvgear::bench::memory::MemoryArgs),
     /// Compare a KV strategy with the fp16 cache: KL, top-1 agreement, perplexity, first difference.
     Compare(kvgear::bench::CompareArgs),
+    /// Accuracy on GSM8K, BBH or MMLU with a KV strategy, and agreement with a baseline run.
+    Eval(kvgear::eval::EvalArgs),
     /// Run every CUDA kernel against the CPU reference on random inputs.
     Selftest {
         /// Seed of the random inputs (default: from the clock; printed).
@@ -269,6 +271,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Synth(a) => kvgear::synth::run(&a),
         Cmd::Bench(a) => kvgear::bench::run(&a),
         Cmd::Compare(a) => kvgear::bench::compare(&a),
+        Cmd::Eval(a) => kvgear::eval::command(&a),
         Cmd::Memory(a) => kvgear::bench::memory::run(&a),
         Cmd::Selftest { seed, bench, csv, iters } => {
             let opts = kvgear::backend::cuda::selftest::Options { seed, bench, csv, iters };
