@@ -326,7 +326,8 @@ mod tests {
         assert_eq!(b("So the answer is (b) the red one"), Some("(B)".into()));
         assert_eq!(b("So the answer is A blue ball."), None, "an article is not an option");
         assert_eq!(b("Options (A) and (C) are wrong, so it must be (D) or maybe (E)"), Some("(E)".into()), "last (X) without a phrase");
-        assert_eq!(b("So the answer is the second one. Between (A) and (B)"), Some("(B)".into()));
+        assert_eq!(b("So the answer is (A), not (B)."), Some("(A)".into()), "the phrase's first option");
+        assert_eq!(b("So the answer is the second one.\nBetween (A) and (B)"), Some("(B)".into()), "no option after the phrase");
         assert_eq!(b("I cannot tell."), None);
         assert_eq!(extract_mmlu_letter("so the answer is (C)."), Some("C".into()));
         assert_eq!(extract_mmlu_letter("So the answer is (F)."), None, "MMLU has four options");

@@ -26,7 +26,10 @@ impl Proportion {
         let denom = 1.0 + z2 / nf;
         let centre = (p + z2 / (2.0 * nf)) / denom;
         let half = Z95 * (p * (1.0 - p) / nf + z2 / (4.0 * nf * nf)).sqrt() / denom;
-        Some(Proportion { k, n, value: p, lo95: (centre - half).max(0.0), hi95: (centre + half).min(1.0) })
+        // At k = 0 and k = n the bound is exactly 0 or 1 (the formula gives it up to rounding).
+        let lo95 = if k == 0 { 0.0 } else { (centre - half).max(0.0) };
+        let hi95 = if k == n { 1.0 } else { (centre + half).min(1.0) };
+        Some(Proportion { k, n, value: p, lo95, hi95 })
     }
 }
 

@@ -98,9 +98,10 @@ pub struct Record {
     pub seconds: f64,
     /// The prefix's cache came from an earlier example.
     pub prefix_reused: bool,
-    /// The baseline's extracted answer, when a baseline was given and has this example.
+    /// The baseline's extracted answer; null when it found none, or without a baseline that has
+    /// this example (then `agree` is null too).
     #[serde(default)]
-    pub baseline_extracted: Option<Option<String>>,
+    pub baseline_extracted: Option<String>,
     /// `extracted == baseline_extracted` (two missing answers agree).
     #[serde(default)]
     pub agree: Option<bool>,
@@ -564,12 +565,12 @@ pub fn command(a: &EvalArgs) -> Result<()> {
                 None
             } else {
                 eprintln!("baseline: {vs}");
-                Some(ctx.run_one(&base_spec, &settings, None, None)?)
+                Some(ctx.run_one(&base_spec, &settings, None, None, false)?)
             }
         }
         (None, None) => None,
     };
-    ctx.run_one(&spec, &settings, baseline.as_deref(), a.jsonl.as_deref())?;
+    ctx.run_one(&spec, &settings, baseline.as_deref(), a.jsonl.as_deref(), true)?;
     Ok(())
 }
 
@@ -583,8 +584,17 @@ struct RunContext<'a> {
 }
 
 impl RunContext<'_> {
-    /// Runs (or resumes) one strategy over the task, writes its summary rows; returns its JSONL.
-    fn run_one(&self, spec: &StrategySpec, settings: &RunSettings, baseline_path: Option<&Path>, jsonl: Option<&Path>) -> Result<PathBuf> {
+    /// Runs (or resumes) one strategy over the task and writes its summary rows (a baseline run
+    /// that had nothing left to do writes none, so that its rows are not repeated); returns its
+    /// JSONL.
+    fn run_one(
+        &self,
+        spec: &StrategySpec,
+        settings: &RunSettings,
+        baseline_path: Option<&Path>,
+        jsonl: Option<&Path>,
+        always_report: bool,
+    ) -> Result<PathBuf> {
         let a = self.a;
         let set = self.set;
         let jsonl = jsonl.map_or_else(|| default_jsonl(&a.out, &set.name, spec, self.model_sha256), Path::to_path_buf);
@@ -673,7 +683,7 @@ impl RunContext<'_> {
                 kv_bytes_fp16_end: o.kv_bytes_fp16_end,
                 seconds: o.seconds,
                 prefix_reused: o.prefix_reused,
-                baseline_extracted: b.map(|b| b.extracted.clone()),
+                baseline_extracted: b.and_then(|b| b.extracted.clone()),
                 agree: b.map(|b| b.extracted == o.extracted),
             };
             let mut line = serde_json::to_string(&rec)?;
@@ -693,7 +703,9 @@ impl RunContext<'_> {
             Ok(())
         })?;
         bar.finish_and_clear();
-        self.report(spec, &jsonl, &done, baseline.as_ref(), baseline_path)?;
+        if always_report || !todo.is_empty() {
+            self.report(spec, &jsonl, &done, baseline.as_ref(), baseline_path)?;
+        }
         Ok(jsonl)
     }
 
