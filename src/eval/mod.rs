@@ -188,6 +188,9 @@ pub struct Outcome {
     pub prefix_reused: bool,
 }
 
+/// One token list per prefix or per example.
+pub type TokenLists = Vec<Vec<u32>>;
+
 /// Where the session's cache stands relative to the prefixes.
 enum PrefixState<B: Backend> {
     /// Nothing reusable.
@@ -200,7 +203,7 @@ enum PrefixState<B: Backend> {
 
 impl<'a, B: Backend> Evaluator<'a, B> {
     /// Tokens of each prefix (with BOS) and of each example (without).
-    pub fn tokenize(&self, set: &TaskSet) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    pub fn tokenize(&self, set: &TaskSet) -> Result<(TokenLists, TokenLists)> {
         let tk = &self.model.tokenizer;
         let prefixes = set.prefixes.iter().map(|p| tk.encode(p, true)).collect::<Result<Vec<_>>>()?;
         let examples = set.examples.iter().map(|e| tk.encode(&e.text, false)).collect::<Result<Vec<_>>>()?;
