@@ -164,6 +164,24 @@ pub struct StrategyLayer {
     layer: usize,
 }
 
+impl Clone for StrategyLayer {
+    fn clone(&self) -> StrategyLayer {
+        StrategyLayer {
+            codec: self.codec.clone_box(),
+            policy: self.policy.clone_box(),
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            mass: self.mass.clone(),
+            prompt_len: self.prompt_len,
+            n_seen: self.n_seen,
+            work: Vec::new(),
+            capacity: self.capacity,
+            spec: self.spec.clone(),
+            layer: self.layer,
+        }
+    }
+}
+
 impl StrategyLayer {
     pub fn new(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, capacity: usize, layer: usize) -> Result<Self> {
         let seed = spec.seed ^ (layer as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
