@@ -52,11 +52,14 @@ pub const ATTN_TOL: Tolerance = Tolerance { atol: 2e-5, rtol: 0.0 };
 /// reference's (f32 exp and division): atol 1e-5 plus 1e-5 relative for large sums.
 pub const MASS_TOL: Tolerance = Tolerance { atol: 1e-5, rtol: 1e-5 };
 /// Whole model (synthetic, 2 layers): CUDA logits against the reference backend's, relative to
-/// the largest |logit| of the row. f32 GEMV and attention keep them within ~1e-5; prefill goes
-/// through the f16 GEMM (~1e-3 of sum |w x| per product, compounded over 7 matrices per layer),
-/// so 1e-2 of the row's scale. The top-1 token must also agree wherever the reference's margin
-/// between its two best tokens exceeds twice the observed error.
-pub const MODEL_TOL: f64 = 1e-2;
+/// the largest |logit| of the row. Prefill goes through the f16 GEMM (~1e-3 of sum |w x| per
+/// product, compounded over 7 matrices per layer), and decode through the integer GEMV, whose
+/// 8-bit activations move each value by up to amax/254 (Q8_X_BOUND) before every matrix. The CPU
+/// fast backend quantizes activations the same way: on this model (q4_0, q6_K output, 40 prompt
+/// + 12 decoded tokens, fp16 and h2o, seeds 0..6) it is 1.0e-2 to 1.6e-2 of the row scale from
+/// the reference, so 3e-2 (2x the largest seen). The top-1 token must also agree wherever the
+/// reference's margin between its two best tokens exceeds twice the observed error.
+pub const MODEL_TOL: f64 = 3e-2;
 
 /// Random weights of `ty` (uniform in [-1, 1], quantized by the reference quantizer).
 fn random_weight(rng: &mut SplitMix64, ty: GgmlType, n_rows: usize, n_cols: usize) -> Result<Tensor> {
