@@ -136,6 +136,10 @@ enum Cmd {
         /// Timed launches per kernel with --bench.
         #[arg(long, default_value_t = 50)]
         iters: usize,
+        /// Instead of the kernel checks, check that CUDA agrees with the CPU on this model
+        /// (greedy tokens, teacher-forced top-1) for each KV strategy with a CUDA codec.
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
 }
 
@@ -254,8 +258,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", f.display());
             }
         }),
-        Cmd::Selftest { seed, bench, csv, iters } => {
-            let opts = kvgear::backend::cuda::selftest::Options { seed, bench, csv, iters };
+        Cmd::Selftest { seed, bench, csv, iters, model } => {
+            let opts = kvgear::backend::cuda::selftest::Options { seed, bench, csv, iters, model };
             return kvgear::backend::cuda::selftest::command(&opts);
         }
     };
