@@ -133,6 +133,18 @@ fn check_attention(c: &dyn Codec, rng: &mut Rng, heads: usize, d: usize, what: &
                 let mag: f64 = q.iter().zip(kj).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
                 assert!((s[j] as f64 - want).abs() <= ATTN_REL_TOL * mag + 1e-12, "{what} head {g} token {j}/{n_use}: score {} vs {want}", s[j]);
             }
+            for (value, want) in [(false, &k), (true, &v)] {
+                let mut seen = 0;
+                c.for_each_decoded(g, value, n_use, &mut |j, x| {
+                    assert_eq!(j, seen, "{what} head {g}: rows out of order");
+                    for ch in 0..d {
+                        let w = want[j * d + ch];
+                        assert!((x[ch] - w).abs() <= 1e-5 * (1.0 + w.abs()), "{what} head {g} token {j} channel {ch} ({}): {} vs {w}", if value { "V" } else { "K" }, x[ch]);
+                    }
+                    seen += 1;
+                });
+                assert_eq!(seen, n_use, "{what} head {g}: rows visited");
+            }
             let p: Vec<f32> = (0..n_use).map(|_| rng.next_f32()).collect();
             let mut out = vec![0.5f32; d];
             c.weighted_values(g, &p, &mut out);

@@ -24,6 +24,7 @@
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
+use crate::kv::codec::blocked::dot;
 use crate::kv::codec::{make_codec, Backbone, Codec, CodecParams, KvBytes};
 use crate::kv::policy::{make_policy, Policy, PolicyParams};
 
@@ -243,13 +244,15 @@ impl StrategyLayer {
         b
     }
 
-    /// Causal attention of `n_tokens` queries over the codec, block by block through
-    /// `Codec::scores` and `Codec::weighted_values`; the softmax weights each token received are
-    /// added to `self.mass` when the policy wants them. `q`, `out`: `[n_tokens, n_heads,
-    /// head_dim]`; the last `n_tokens` tokens of every head are the queries' own.
+    /// Causal attention of `n_tokens` queries over the codec; the softmax weights each token
+    /// received are added to `self.mass` when the policy wants them. `q`, `out`: `[n_tokens,
+    /// n_heads, head_dim]`; the last `n_tokens` tokens of every head are the queries' own.
     ///
     /// Work is split into tasks of one KV head (with the query heads that share it) and one
-    /// chunk of queries, run in parallel; each task keeps its own partial mass, summed in task
+    /// chunk of queries, run in parallel. A task walks the head's keys and then its values once,
+    /// block by block through `Codec::for_each_decoded`, each decoded row serving every query of
+    /// the task (the query heads of a GQA group, the chunk's positions), so a row is decoded once
+    /// per task rather than once per query. Each task keeps its own partial mass, summed in task
     /// order afterwards, so the result does not depend on the number of threads.
     pub fn attention(&mut self, q: &[f32], n_tokens: usize, n_heads: usize, out: &mut [f32]) {
         let (hd, n_kv) = (self.head_dim, self.n_kv_heads);
@@ -264,39 +267,59 @@ impl StrategyLayer {
             let t0 = c * QUERY_CHUNK;
             let t1 = (t0 + QUERY_CHUNK).min(n_tokens);
             let n_len = codec.len(g);
+            // Queries i = (t - t0) * group + hh; the last one sees `n_max` tokens.
+            let n_q = (t1 - t0) * group;
+            let n_max = n_len + t1 - n_tokens;
+            w.q.clear();
+            for t in t0..t1 {
+                w.q.extend_from_slice(&q[(t * n_heads + g * group) * hd..][..group * hd]);
+            }
+            w.scores.clear();
+            w.scores.resize(n_q * n_max, 0.0);
+            let (qs, sc) = (&w.q, &mut w.scores);
+            codec.for_each_decoded(g, false, n_max, &mut |j, k| {
+                for (i, qi) in qs.chunks_exact(hd).enumerate() {
+                    sc[i * n_max + j] = dot(qi, k);
+                }
+            });
+            for (i, p) in w.scores.chunks_exact_mut(n_max).enumerate() {
+                let n_vis = n_len - n_tokens + t0 + i / group + 1;
+                let (vis, hidden) = p.split_at_mut(n_vis);
+                hidden.fill(0.0);
+                let mut max = f32::NEG_INFINITY;
+                for s in vis.iter_mut() {
+                    *s *= scale;
+                    max = max.max(*s);
+                }
+                let mut total = 0.0f64;
+                for s in vis.iter_mut() {
+                    *s = (*s - max).exp();
+                    total += *s as f64;
+                }
+                let inv = (1.0 / total) as f32;
+                for s in vis.iter_mut() {
+                    *s *= inv;
+                }
+            }
             w.out.clear();
-            w.out.resize((t1 - t0) * group * hd, 0.0);
+            w.out.resize(n_q * hd, 0.0);
+            let (sc, o) = (&w.scores, &mut w.out);
+            codec.for_each_decoded(g, true, n_max, &mut |j, v| {
+                for (i, oi) in o.chunks_exact_mut(hd).enumerate() {
+                    let p = sc[i * n_max + j];
+                    if p != 0.0 {
+                        for (x, &y) in oi.iter_mut().zip(v) {
+                            *x += p * y;
+                        }
+                    }
+                }
+            });
             w.mass.clear();
             if want {
                 w.mass.resize(n_len, 0.0);
-            }
-            for t in t0..t1 {
-                let n_vis = n_len + t + 1 - n_tokens;
-                for hh in 0..group {
-                    let h = g * group + hh;
-                    let p = &mut w.scores;
-                    p.clear();
-                    p.resize(n_vis, 0.0);
-                    codec.scores(g, &q[(t * n_heads + h) * hd..][..hd], p);
-                    let mut max = f32::NEG_INFINITY;
-                    for s in p.iter_mut() {
-                        *s *= scale;
-                        max = max.max(*s);
-                    }
-                    let mut total = 0.0f64;
-                    for s in p.iter_mut() {
-                        *s = (*s - max).exp();
-                        total += *s as f64;
-                    }
-                    let inv = (1.0 / total) as f32;
-                    for s in p.iter_mut() {
-                        *s *= inv;
-                    }
-                    codec.weighted_values(g, p, &mut w.out[((t - t0) * group + hh) * hd..][..hd]);
-                    if want {
-                        for (m, &x) in w.mass.iter_mut().zip(p.iter()) {
-                            *m += x;
-                        }
+                for p in w.scores.chunks_exact(n_max) {
+                    for (m, &x) in w.mass.iter_mut().zip(p) {
+                        *m += x;
                     }
                 }
             }
@@ -323,6 +346,7 @@ const QUERY_CHUNK: usize = 16;
 /// One attention task's scratch, kept between steps so decoding allocates nothing.
 #[derive(Default)]
 struct AttnWork {
+    q: Vec<f32>,
     scores: Vec<f32>,
     out: Vec<f32>,
     mass: Vec<f32>,

@@ -171,6 +171,35 @@ impl Part {
         }
     }
 
+    /// Calls `f(j, x_j)` for the first `n` rows, each decoded whole: `deq(Q) + A Bᵀ`, the
+    /// outliers' exact values on their positions. `bf` is scratch for `B` in f32.
+    fn for_decoded_rows(&self, n: usize, d: usize, bf: &mut Vec<f32>, f: &mut dyn FnMut(usize, &[f32])) {
+        let r = self.lr.rank;
+        if r > 0 {
+            bf.clear();
+            bf.extend(self.lr.b.iter().map(|x| x.to_f32()));
+        }
+        let n_out = self.out.len();
+        let mut oi = 0;
+        let mut aj = [0f32; MAX_RANK];
+        let mut buf = [0f32; MAX_HEAD_DIM];
+        let row = &mut buf[..d];
+        self.q.for_rows(n, |j, deq| {
+            row.copy_from_slice(deq);
+            if r > 0 {
+                self.lr.a_row(j, &mut aj[..r]);
+                for (x, bc) in row.iter_mut().zip(bf.chunks_exact(r)) {
+                    *x += dot(&aj[..r], bc);
+                }
+            }
+            while oi < n_out && self.out.pos(oi) < (j + 1) * d {
+                row[self.out.pos(oi) - j * d] = self.out.value(oi);
+                oi += 1;
+            }
+            f(j, row);
+        });
+    }
+
     fn decode_row(&self, j: usize, dst: &mut [f32]) {
         let d = dst.len();
         self.q.decode_row(j, dst);
@@ -325,6 +354,29 @@ impl Blocked {
         for (&pj, vr) in p[off..].iter().zip(head.buf_v.chunks_exact(d)) {
             vr.convert_to_f32_slice(&mut row[..d]);
             axpy(out, pj, &row[..d]);
+        }
+    }
+
+    pub(crate) fn for_each_decoded(&self, g: usize, value: bool, n: usize, f: &mut dyn FnMut(usize, &[f32])) {
+        let d = self.head_dim;
+        let Some(head) = self.heads.get(g) else { return };
+        let mut bf = Vec::new();
+        let mut off = 0;
+        for b in &head.blocks {
+            if off >= n {
+                return;
+            }
+            let m = (n - off).min(b.n);
+            let part = if value { &b.v } else { &b.k };
+            part.for_decoded_rows(m, d, &mut bf, &mut |j, x| f(off + j, x));
+            off += m;
+        }
+        let buf = if value { &head.buf_v } else { &head.buf_k };
+        let mut row = [0f32; MAX_HEAD_DIM];
+        for xr in buf.chunks_exact(d).take(n.saturating_sub(off)) {
+            xr.convert_to_f32_slice(&mut row[..d]);
+            f(off, &row[..d]);
+            off += 1;
         }
     }
 

@@ -83,6 +83,16 @@ impl Codec for Fp16Codec {
         }
     }
 
+    fn for_each_decoded(&self, g: usize, value: bool, n: usize, f: &mut dyn FnMut(usize, &[f32])) {
+        let d = self.head_dim;
+        let Some(x) = (if value { self.v.get(g) } else { self.k.get(g) }) else { return };
+        let mut row = [0f32; MAX_HEAD_DIM];
+        for (j, xr) in x.chunks_exact(d).take(n).enumerate() {
+            xr.convert_to_f32_slice(&mut row[..d]);
+            f(j, &row[..d]);
+        }
+    }
+
     fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()> {
         if g >= self.n_kv_heads {
             bail!("evict: KV head {g} of {}", self.n_kv_heads);

@@ -15,7 +15,7 @@
 //! bookkeeping (a block's row count, the row counts of its key groups) is not counted: it is a
 //! few words per block, not per token.
 
-mod blocked;
+pub(crate) mod blocked;
 /// Implements every `Codec` method but `describe` by forwarding to the field `inner` (the
 /// compressed codecs share one block store and differ in how a block is encoded).
 macro_rules! forward_codec_to_inner {
@@ -34,6 +34,9 @@ macro_rules! forward_codec_to_inner {
         }
         fn weighted_values(&self, g: usize, p: &[f32], out: &mut [f32]) {
             self.inner.weighted_values(g, p, out)
+        }
+        fn for_each_decoded(&self, g: usize, value: bool, n: usize, f: &mut dyn FnMut(usize, &[f32])) {
+            self.inner.for_each_decoded(g, value, n, f)
         }
         fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()> {
             self.inner.evict(g, idx)
@@ -131,6 +134,10 @@ pub trait Codec: CodecClone + Send + Sync {
     fn scores(&self, g: usize, q: &[f32], out: &mut [f32]);
     /// `out += sum_j p[j] * v_j` for KV head `g` over the first `p.len()` tokens held.
     fn weighted_values(&self, g: usize, p: &[f32], out: &mut [f32]);
+    /// Calls `f(j, x_j)` for the first `n` tokens of KV head `g` in order, `x_j` the token's key
+    /// (`value = false`) or value, decoded one row at a time from the stored form (never a copy
+    /// of the whole cache): attention over several queries decodes each row once for all of them.
+    fn for_each_decoded(&self, g: usize, value: bool, n: usize, f: &mut dyn FnMut(usize, &[f32]));
     /// Removes head `g`'s tokens at these indices (ascending, distinct, each < len(g)). The
     /// memory of evicted tokens is freed (or reused), and `bytes` drops accordingly.
     fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()>;
