@@ -108,12 +108,14 @@ pub struct BenchRow {
     pub kl: f64,
     /// Device memory in use at the peak of the strategy's run (0 on the CPU).
     pub peak_device_bytes: u64,
-    /// Device-to-device copy bandwidth measured in the same run, GB/s (0 on the CPU).
+    /// Copy bandwidth measured in the same run (device to device on a GPU, host memory on the
+    /// CPU), (read + written) / time, GB/s.
     pub copy_gb_s: f64,
     /// The decode bandwidth floor: copy bandwidth over the bytes a decode step must read
-    /// (weight matrices but the embedding table, plus the KV cache held at the end), tokens/s
-    /// (0 on the CPU).
+    /// (weight matrices but the embedding table, plus the KV cache held at the end), tokens/s.
     pub floor_decode_tok_s: f64,
+    /// The bandwidth decoding reached: those bytes times the strategy's decode tokens/s, GB/s.
+    pub decode_gb_s: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -432,6 +434,7 @@ fn bench_on<B: Backend>(backend: &B, job: BenchJob) -> Result<BenchRow> {
         peak_device_bytes: s.peak_device_bytes,
         copy_gb_s,
         floor_decode_tok_s: if copy_gb_s > 0.0 { copy_gb_s * 1e9 / step_bytes.max(1) as f64 } else { 0.0 },
+        decode_gb_s: step_bytes as f64 * median(s.decode_tok_s.clone()) / 1e9,
     })
 }
 
@@ -470,7 +473,10 @@ fn print_bench_table(r: &BenchRow) {
     line("top-1 vs fp16", "100.00%".into(), format!("{:.2}%", r.top1 * 100.0));
     line("KL vs fp16 nats/token", "0".into(), format!("{:.5}", r.kl));
     if r.copy_gb_s > 0.0 {
-        println!("device     peak {:.1} MiB in use; copy bandwidth {:.1} GB/s", mib(r.peak_device_bytes as f64), r.copy_gb_s);
+        if r.peak_device_bytes > 0 {
+            println!("device     peak {:.1} MiB in use", mib(r.peak_device_bytes as f64));
+        }
+        println!("bandwidth  copy {:.1} GB/s measured in this run; decoding read {:.1} GB/s", r.copy_gb_s, r.decode_gb_s);
         println!(
             "floor      decode {:.1} tok/s at that bandwidth: measured {:.1} tok/s is {:.2}x the floor's time",
             r.floor_decode_tok_s,

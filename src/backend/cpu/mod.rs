@@ -4,6 +4,7 @@
 pub mod fast;
 pub mod reference;
 
+use rayon::prelude::*;
 use anyhow::{bail, Result};
 use half::f16;
 
@@ -244,6 +245,12 @@ impl Backend for Cpu {
     fn kv_clone(&self, layer: &CpuKv) -> Result<CpuKv> {
         Ok(layer.clone())
     }
+
+    /// Host memory copy bandwidth on the rayon pool: 256 MiB copied between two buffers, best of
+    /// 5, as (bytes read + bytes written) / time, the convention of the CUDA figure.
+    fn copy_bandwidth_gb_s(&self) -> Result<Option<f64>> {
+        Ok(Some(host_copy_bandwidth_gb_s(256 << 20, 5)))
+    }
 }
 
 /// A CPU layer cache: the plain fp16 cache (the `fp16` strategy, with llama.cpp's attention
@@ -259,4 +266,21 @@ pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = s.to_f32();
     }
+}
+
+/// Copies `bytes` between two buffers `reps` times in parallel chunks and returns the best
+/// (read + written) bytes per second / 1e9.
+pub fn host_copy_bandwidth_gb_s(bytes: usize, reps: usize) -> f64 {
+    let n = bytes / 8;
+    let src: Vec<u64> = (0..n as u64).collect();
+    let mut dst = vec![0u64; n];
+    let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(1);
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t = std::time::Instant::now();
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(&dst);
+    }
+    2.0 * (n * 8) as f64 / best / 1e9
 }
