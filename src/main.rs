@@ -37,6 +37,9 @@ struct ModelArgs {
     /// Prompt tokens processed per forward batch.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Quantize the matrices in memory at load time (q4_0, q8_0, q4_k_m, ...), as `kvgear quantize` would.
+    #[arg(long)]
+    quantize: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -103,6 +106,8 @@ enum Cmd {
     Memory(kvgear::bench::memory::MemoryArgs),
     /// Compare a KV strategy with the fp16 cache: KL, top-1 agreement, perplexity, first difference.
     Compare(kvgear::bench::CompareArgs),
+    /// Quantize a GGUF file or a safetensors directory to a GGUF file (q4_0, q8_0, q4_k_m, ...).
+    Quantize(kvgear::quantize::QuantizeArgs),
     /// Run every CUDA kernel against the CPU reference on random inputs.
     Selftest {
         /// Seed of the random inputs (default: from the clock; printed).
@@ -156,7 +161,7 @@ fn load(m: &ModelArgs) -> Result<(Model, Cpu)> {
     setup_threads(m.threads)?;
     let backend = cpu_backend(&m.device)?;
     let path = kvgear::fetch::resolve_model(m.model.as_deref())?;
-    let model = Model::load(&path)?;
+    let model = kvgear::quantize::load_model(&path, m.quantize.as_deref())?;
     Ok((model, backend))
 }
 
@@ -270,6 +275,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Bench(a) => kvgear::bench::run(&a),
         Cmd::Compare(a) => kvgear::bench::compare(&a),
         Cmd::Memory(a) => kvgear::bench::memory::run(&a),
+        Cmd::Quantize(a) => kvgear::quantize::run(&a),
         Cmd::Selftest { seed, bench, csv, iters } => {
             let opts = kvgear::backend::cuda::selftest::Options { seed, bench, csv, iters };
             return kvgear::backend::cuda::selftest::command(&opts);
