@@ -5,6 +5,8 @@
 //! `manifest.json` records the gguf version it came from. Tests that draw random inputs take a
 //! fresh seed (or `KVGEAR_TEST_SEED`) and print it when they fail.
 
+mod common;
+
 use std::path::PathBuf;
 
 use half::f16;
@@ -377,6 +379,31 @@ fn round_trip_within_bounds_on_fixture_inputs() {
         for r in 0..fx.rows {
             check_round_trip(ty, fx.row(r), &format!("fixture row {r}"));
         }
+    }
+}
+
+/// Real weights: matrices of the default model (dequantized from its Q4_1 and Q8_0 blocks),
+/// each cut to whole 256-element super-blocks; every type round-trips within its bounds. The
+/// relative RMS error per type is printed (what quantizing trained weights costs).
+#[test]
+fn round_trip_within_bounds_on_real_weights() {
+    let Some(path) = common::default_model() else { return };
+    let f = kvgear::format::gguf::GgufFile::open(&path).unwrap();
+    let mut x = Vec::new();
+    for name in ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.12.ffn_down.weight", "blk.29.ffn_up.weight"] {
+        let t = f.require_tensor(name).unwrap();
+        let n = t.n_elements() as usize;
+        let mut v = vec![0.0f32; n];
+        dequantize(t.ty, f.tensor_data(t), &mut v).unwrap();
+        // A slice from the middle of each matrix, 64 super-blocks.
+        let start = (n / 2) / 256 * 256;
+        x.extend_from_slice(&v[start..start + 64 * 256]);
+    }
+    for ty in GgmlType::ALL {
+        check_round_trip(ty, &x, "default model weights");
+        let y = dequantize_vec(ty, &quantize_vec(ty, &x), x.len());
+        let rel = (squared_error(&x, &y) / squared_error(&x, &vec![0.0; x.len()])).sqrt();
+        eprintln!("{ty:<5} relative RMS error on real weights {rel:.4}");
     }
 }
 
