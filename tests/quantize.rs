@@ -27,7 +27,7 @@ fn q4_k_m_on_llama2_7b_follows_llama_cpp() {
     let cfg = Config::named("llama2-7b").unwrap();
     let ty = types_by_name(&cfg, false, Scheme::Q4KM, None);
     // use_more_bits over 32 layers: 0..4, 28..32, and (i - 4) % 3 == 2 between.
-    let more: Vec<usize> = (0..32).filter(|&i| i < 4 || i >= 28 || (i >= 4 && (i - 4) % 3 == 2)).collect();
+    let more: Vec<usize> = (0..32).filter(|&i| !(4..28).contains(&i) || (i - 4) % 3 == 2).collect();
     assert_eq!(more, [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
     for l in 0..32 {
         let want = if more.contains(&l) { GgmlType::Q6K } else { GgmlType::Q4K };
@@ -397,7 +397,7 @@ fn in_memory_quantization_equals_the_file() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let err = |r: anyhow::Result<kvgear::quantize::QuantizeReport>| format!("{:#}", r.err().expect("an error"));
+    let err = |r: anyhow::Result<kvgear::quantize::QuantizeReport>| format!("{:#}", r.expect_err("an error"));
     assert!(Scheme::parse("q3_k_xl").unwrap_err().to_string().contains("unknown quantization"));
 
     let q = common::temp_path("bad-q4_0.gguf");

@@ -30,6 +30,9 @@ pub struct BenchArgs {
     pub kv: Vec<String>,
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
+    /// Quantize the matrices in memory at load time (q4_0, q8_0, q4_k_m, ...).
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// `cpu` (fast), `cpu-ref` or `auto`.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -127,7 +130,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         d => bail!("device '{d}' cannot run bench yet (cpu, cpu-ref)"),
     };
     let path = crate::fetch::resolve_model(a.model.as_deref())?;
-    let model = Model::load(&path)?;
+    let model = crate::quantize::load_model(&path, a.quantize.as_deref())?;
     let tokens = workload_tokens(&model, a.prompt_tokens)?;
     let dw = DeviceWeights::new(&backend, &model.weights)?;
     let n_ctx = a.prompt_tokens + a.gen_tokens;
@@ -460,6 +463,9 @@ pub struct CompareArgs {
     pub kv: Vec<String>,
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
+    /// Quantize the matrices in memory at load time (q4_0, q8_0, q4_k_m, ...).
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// Text file to teacher-force (default: the built-in workload text).
     #[arg(long, short = 'f', conflicts_with = "prompt")]
     pub file: Option<PathBuf>,
@@ -524,7 +530,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     }
     let spec = crate::kv::strategy::StrategySpec::parse(&a.strategy, &a.kv, a.seed)?;
     let path = crate::fetch::resolve_model(a.model.as_deref())?;
-    let model = Model::load(&path)?;
+    let model = crate::quantize::load_model(&path, a.quantize.as_deref())?;
     let (text, text_name) = match (&a.file, &a.prompt) {
         (Some(f), _) => (std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?, f.display().to_string()),
         (None, Some(p)) => (p.clone(), "prompt".to_string()),
