@@ -204,6 +204,12 @@ fn fallback(ty: GgmlType, n_cols: u64) -> GgmlType {
 /// the output matrix's type (the tied token embedding's, when there is no output matrix).
 /// A vector stored as f16 or bf16 becomes f32.
 pub fn choose_types(cfg: &Config, tensors: &[TensorDesc], scheme: Scheme, keep_output: Option<GgmlType>) -> Vec<GgmlType> {
+    choose(cfg, tensors, scheme, keep_output).into_iter().map(|(ty, _)| ty).collect()
+}
+
+/// [`choose_types`], with whether each type is a fallback (rows not whole blocks of the rule's
+/// choice).
+fn choose(cfg: &Config, tensors: &[TensorDesc], scheme: Scheme, keep_output: Option<GgmlType>) -> Vec<(GgmlType, bool)> {
     let tied = !tensors.iter().any(|t| t.name == "output.weight");
     let n_attn_v = tensors.iter().filter(|t| t.name.contains("attn_v.weight")).count();
     // llama.cpp's LLM_TYPE_70B: 80 layers with grouped-query attention.
@@ -218,17 +224,18 @@ pub fn choose_types(cfg: &Config, tensors: &[TensorDesc], scheme: Scheme, keep_o
             let quantizable = n_dims(&t.dims) >= 2 && name.ends_with("weight") && !name.contains("_norm.weight");
             if !quantizable {
                 return match t.ty {
-                    GgmlType::F16 | GgmlType::BF16 if n_dims(&t.dims) == 1 => GgmlType::F32,
-                    other => other,
+                    GgmlType::F16 | GgmlType::BF16 if n_dims(&t.dims) == 1 => (GgmlType::F32, false),
+                    other => (other, false),
                 };
             }
             let n_cols = t.dims[0];
             let is_output = name == "output.weight" || (tied && name == "token_embd.weight");
+            let with_fallback = |ty: GgmlType| (fallback(ty, n_cols), fallback(ty, n_cols) != ty);
             if let (true, Some(k)) = (is_output, keep_output) {
-                return fallback(k, n_cols);
+                return with_fallback(k);
             }
             if !default.is_quantized() {
-                return default;
+                return (default, false);
             }
             let mut ty = default;
             if is_output {
@@ -256,7 +263,7 @@ pub fn choose_types(cfg: &Config, tensors: &[TensorDesc], scheme: Scheme, keep_o
                 }
                 i_ffn_down += 1;
             }
-            fallback(ty, n_cols)
+            with_fallback(ty)
         })
         .collect()
 }
@@ -642,8 +649,9 @@ pub fn quantize_file(
         key(a).cmp(&key(b))
     });
     let descs: Vec<TensorDesc> = source.tensors.iter().map(|t| t.desc.clone()).collect();
-    let types = choose_types(&source.config, &descs, scheme, keep_output);
-    let mut n_fallback = 0;
+    let chosen = choose(&source.config, &descs, scheme, keep_output);
+    let n_fallback = chosen.iter().filter(|c| c.1).count();
+    let types: Vec<GgmlType> = chosen.into_iter().map(|c| c.0).collect();
     for (d, &ty) in descs.iter().zip(&types) {
         if ty != d.ty && d.ty.is_quantized() && !allow_requantize {
             bail!(
@@ -652,9 +660,6 @@ pub fn quantize_file(
                 d.name,
                 d.ty
             );
-        }
-        if n_dims(&d.dims) >= 2 && ty != d.ty && d.dims[0] % scheme.default_type().block_elems() as u64 != 0 {
-            n_fallback += 1;
         }
     }
 
