@@ -674,10 +674,42 @@ pub fn quantize_file(
         // gguf.cpp writes `ggml_n_dims` dimensions: trailing ones are dropped.
         w.add_tensor(&d.name, &d.dims[..n_dims(&d.dims)], ty)?;
     }
-    let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut data = w.write_header(BufWriter::with_capacity(1 << 22, file))?;
+    // Written under a temporary name and renamed at the end, so that a failed run leaves no
+    // half-written model behind.
+    let partial = PathBuf::from(format!("{}.partial", out.display()));
+    let written = write_tensors(&partial, w, &source.tensors, &types, verbose);
+    let (by_type, dst_bytes, src_bytes) = match written {
+        Ok(v) => v,
+        Err(e) => {
+            std::fs::remove_file(&partial).ok();
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, out).with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
+    Ok(QuantizeReport {
+        scheme: scheme.name().to_string(),
+        n_tensors: types.len(),
+        src_bytes,
+        dst_bytes,
+        file_bytes: std::fs::metadata(out).with_context(|| format!("reading the size of {}", out.display()))?.len(),
+        by_type,
+        n_fallback,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
 
-    let src_bytes: u64 = source.tensors.iter().map(|t| t.bytes().len() as u64).sum();
+/// Writes the header and every tensor, converted to its type, to `path`; returns the bytes per
+/// output type, the output and the source tensor bytes.
+fn write_tensors(
+    path: &Path,
+    w: GgufWriter,
+    tensors: &[SrcTensor],
+    types: &[GgmlType],
+    verbose: bool,
+) -> Result<(BTreeMap<String, (usize, u64)>, u64, u64)> {
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut data = w.write_header(BufWriter::with_capacity(1 << 22, file))?;
+    let src_bytes: u64 = tensors.iter().map(|t| t.bytes().len() as u64).sum();
     let bar = indicatif::ProgressBar::new(src_bytes);
     bar.set_style(
         indicatif::ProgressStyle::with_template("quantize {bar:30} {bytes}/{total_bytes} {elapsed} {msg}")
@@ -685,7 +717,7 @@ pub fn quantize_file(
     );
     let mut by_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     let mut dst_bytes = 0u64;
-    for (i, (t, &ty)) in source.tensors.iter().zip(&types).enumerate() {
+    for (i, (t, &ty)) in tensors.iter().zip(types).enumerate() {
         bar.set_message(format!("{} -> {ty}", t.desc.name));
         let bytes = convert(&t.desc, t.bytes(), t.permute_heads, ty)?;
         data.write_tensor(&t.desc.name, &bytes)?;
@@ -712,17 +744,9 @@ pub fn quantize_file(
         bar.inc(t.bytes().len() as u64);
     }
     bar.finish_and_clear();
-    data.finish()?.into_inner().map_err(|e| anyhow!("flushing {}: {}", out.display(), e.error()))?.sync_all().ok();
-    Ok(QuantizeReport {
-        scheme: scheme.name().to_string(),
-        n_tensors: types.len(),
-        src_bytes,
-        dst_bytes,
-        file_bytes: std::fs::metadata(out).with_context(|| format!("reading the size of {}", out.display()))?.len(),
-        by_type,
-        n_fallback,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    let file = data.finish()?.into_inner().map_err(|e| anyhow!("flushing {}: {}", path.display(), e.error()))?;
+    file.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+    Ok((by_type, dst_bytes, src_bytes))
 }
 
 /// Parses a `--keep-output` type.

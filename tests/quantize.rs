@@ -90,6 +90,23 @@ fn memory_formula_matches_the_plan_for_llama2_7b() {
         .sum();
     let n_vectors = 2 * 32 * 4096 + 4096;
     assert_eq!(f16, (6_738_415_616 - n_vectors) * 2 + n_vectors * 4);
+
+    // The formula `kvgear memory` prints equals the bytes of files `kvgear quantize` writes.
+    let tiny = Config::named("tiny").unwrap();
+    let src = common::temp_path("plan-f16.gguf");
+    synth_tiny(GgmlType::F16, &src);
+    let out = common::temp_path("plan-out.gguf");
+    for name in ["f16", "q8_0", "q4_0", "q4_k_m", "q5_k_s"] {
+        let scheme = Scheme::parse(name).unwrap();
+        let plan = kvgear::quantize::plan_bytes_by_type(&tiny, false, scheme).unwrap();
+        quantize_file(&src, &out, scheme, None, false, false).unwrap();
+        let m = Model::load(&out).unwrap();
+        assert_eq!(plan.values().map(|v| v.1).sum::<u64>(), m.weights.bytes() as u64, "{name}: total");
+        for (ty, (n, b)) in m.weights.bytes_by_type() {
+            let (pn, pb) = plan[ty];
+            assert_eq!((n, b as u64), (pn, pb), "{name}: {ty} matrices (no f32 matrices in these plans)");
+        }
+    }
 }
 
 /// Where llama.cpp's tools are: `$LLAMA_CPP_BIN`, else the build next to the checkout.
@@ -420,8 +437,11 @@ fn bad_input_is_a_clear_error() {
     bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     drop(f);
     std::fs::write(&f32_src, bytes).unwrap();
+    std::fs::remove_file(&out).ok();
     let e = err(quantize_file(&f32_src, &out, Scheme::Uniform(GgmlType::Q4_0), None, false, false));
     assert!(e.contains("blk.1.ffn_up.weight row 3") && e.contains("NaN"), "{e}");
+    assert!(!out.exists(), "a failed run leaves no output file");
+    assert!(!PathBuf::from(format!("{}.partial", out.display())).exists(), "nor a partial one");
 
     // An HF directory whose tokenizer is SentencePiece-style (byte fallback) is refused.
     let dir = common::temp_path("bad-hf");
