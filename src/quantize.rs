@@ -698,6 +698,9 @@ pub fn quantize_file(
     })
 }
 
+/// Per type name: (tensors, bytes).
+type BytesByType = BTreeMap<String, (usize, u64)>;
+
 /// Writes the header and every tensor, converted to its type, to `path`; returns the bytes per
 /// output type, the output and the source tensor bytes.
 fn write_tensors(
@@ -706,7 +709,7 @@ fn write_tensors(
     tensors: &[SrcTensor],
     types: &[GgmlType],
     verbose: bool,
-) -> Result<(BTreeMap<String, (usize, u64)>, u64, u64)> {
+) -> Result<(BytesByType, u64, u64)> {
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut data = w.write_header(BufWriter::with_capacity(1 << 22, file))?;
     let src_bytes: u64 = tensors.iter().map(|t| t.bytes().len() as u64).sum();
@@ -715,7 +718,7 @@ fn write_tensors(
         indicatif::ProgressStyle::with_template("quantize {bar:30} {bytes}/{total_bytes} {elapsed} {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let mut by_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    let mut by_type = BytesByType::new();
     let mut dst_bytes = 0u64;
     for (i, (t, &ty)) in tensors.iter().zip(types).enumerate() {
         bar.set_message(format!("{} -> {ty}", t.desc.name));
