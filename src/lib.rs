@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod format;
 pub mod kv;
 pub mod model;
+pub mod quantize;
 pub mod rng;
 pub mod sample;
 pub mod synth;

@@ -39,6 +39,9 @@ struct ModelArgs {
     /// Prompt tokens processed per forward batch.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Quantize the matrices in memory at load time (q4_0, q8_0, q4_k_m, ...), as `kvgear quantize` would.
+    #[arg(long)]
+    quantize: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -122,6 +125,8 @@ enum Cmd {
     Plot(kvgear::bench::plot::PlotArgs),
     /// Accuracy on GSM8K, BBH or MMLU with a KV strategy, and agreement with a baseline run.
     Eval(kvgear::eval::EvalArgs),
+    /// Quantize a GGUF file or a safetensors directory to a GGUF file (q4_0, q8_0, q4_k_m, ...).
+    Quantize(kvgear::quantize::QuantizeArgs),
     /// Run every CUDA kernel against the CPU reference on random inputs.
     Selftest {
         /// Seed of the random inputs (default: from the clock; printed).
@@ -168,7 +173,7 @@ fn load(m: &ModelArgs) -> Result<Model> {
     setup_threads(m.threads)?;
     DeviceChoice::parse(&m.device)?;
     let path = kvgear::fetch::resolve_model(m.model.as_deref())?;
-    Model::load(&path)
+    kvgear::quantize::load_model(&path, m.quantize.as_deref())
 }
 
 fn ctx_of(m: &ModelArgs, model: &Model) -> usize {
@@ -252,6 +257,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Compare(a) => kvgear::bench::compare(&a),
         Cmd::Eval(a) => kvgear::eval::command(&a),
         Cmd::Memory(a) => kvgear::bench::memory::run(&a),
+        Cmd::Quantize(a) => kvgear::quantize::run(&a),
         Cmd::Sweep(a) => kvgear::bench::sweep::run(&a),
         Cmd::Plot(a) => kvgear::bench::plot::run(&a).map(|files| {
             for f in files {

@@ -16,7 +16,7 @@ pub struct MemoryArgs {
     /// A named config (llama2-7b, llama3-8b, smollm2-135m, ...) or a GGUF file.
     #[arg(long, default_value = "llama2-7b")]
     pub config: String,
-    /// Weight type for a named config (the output matrix as `synth` picks it).
+    /// Weights of a named config: a type or mix as `kvgear quantize --to` takes it (q4_0, q8_0, f16, q4_k_m, ...).
     #[arg(long, default_value = "q4_0")]
     pub weights: String,
     /// Context length (prompt tokens).
@@ -59,6 +59,8 @@ pub struct MemoryReport {
     pub batch: usize,
     pub prompt_batch: usize,
     pub weight_bytes: u64,
+    /// Per stored type: (type, tensors, bytes), vectors included for a named config.
+    pub weight_types: Vec<(String, usize, u64)>,
     pub kv: KvBytes,
     pub kv_bytes: u64,
     pub kv_bytes_fp16: u64,
@@ -167,17 +169,22 @@ pub fn report(a: &MemoryArgs) -> Result<MemoryReport> {
     if a.ctx == 0 || a.batch == 0 {
         bail!("--ctx and --batch must be positive");
     }
-    let (cfg, weight_bytes, weights) = if std::path::Path::new(&a.config).is_file() {
+    let (cfg, weight_bytes, weights, weight_types) = if std::path::Path::new(&a.config).is_file() {
         let m = crate::model::Model::load(&PathBuf::from(&a.config))?;
-        let types: Vec<String> = m.weights.bytes_by_type().keys().map(|s| s.to_string()).collect();
-        (m.config.clone(), m.weights.bytes() as u64, types.join("+"))
+        let by_type = m.weights.bytes_by_type();
+        let types: Vec<String> = by_type.keys().map(|s| s.to_string()).collect();
+        let listed = by_type.into_iter().map(|(t, (n, b))| (t.to_string(), n, b as u64)).collect();
+        (m.config.clone(), m.weights.bytes() as u64, types.join("+"), listed)
     } else {
+        // The types `kvgear quantize --to WEIGHTS` gives each tensor of an f16 model of this
+        // config (llama.cpp's choice: q6_k output for 4- and 5-bit types, the mixes' q6_k layers).
         let cfg = Config::named(&a.config)?;
-        let ty = crate::synth::parse_type(&a.weights)?;
-        let out = crate::synth::default_output_type(ty);
+        let scheme = crate::quantize::Scheme::parse(&a.weights)?;
         let tied = a.config == "smollm2-135m";
-        let label = if out == ty || tied { ty.name().to_string() } else { format!("{ty} (output {out})") };
-        (cfg.clone(), crate::synth::tensor_bytes(&cfg, ty, out, tied)?, label)
+        let by_type = crate::quantize::plan_bytes_by_type(&cfg, tied, scheme)?;
+        let total = by_type.values().map(|&(_, b)| b).sum();
+        let listed = by_type.into_iter().map(|(t, (n, b))| (t.to_string(), n, b)).collect();
+        (cfg.clone(), total, scheme.name().to_string(), listed)
     };
     let step = |ctx: usize| if a.prompt_batch == 0 { ctx } else { a.prompt_batch.min(ctx) };
     // One layer's step in f16 before its eviction and compression (nothing for the plain cache).
@@ -233,6 +240,7 @@ pub fn report(a: &MemoryArgs) -> Result<MemoryReport> {
         batch: a.batch,
         prompt_batch: step(a.ctx),
         weight_bytes,
+        weight_types,
         kv_bytes: kv.total() as u64,
         kv,
         kv_bytes_fp16: kv_fp16,
@@ -315,7 +323,10 @@ pub fn run(a: &MemoryArgs) -> Result<()> {
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
-    println!("model      {} with {} weights: {:.3} GiB", r.config, r.weights, gib(r.weight_bytes));
+    println!("model      {} with {} weights: {:.3} GiB ({} bytes)", r.config, r.weights, gib(r.weight_bytes), r.weight_bytes);
+    for (ty, n, b) in &r.weight_types {
+        println!("  {ty:<6} {n:>4} tensors {b:>14} bytes ({:.3} GiB)", gib(*b));
+    }
     println!("workload   {} prompt + {} decoded tokens, batch {}", r.ctx, r.decode, r.batch);
     println!(
         "KV cache   {} {}: {:.3} GiB{} (fp16 {:.3} GiB, {:.2}x)",

@@ -34,6 +34,9 @@ pub struct BenchArgs {
     pub kv: Vec<String>,
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
+    /// Quantize the matrices in memory at load time (q4_0, q8_0, q4_k_m, ...).
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// `cpu` (fast), `cpu-ref` or `auto`.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -163,7 +166,7 @@ pub fn setup_threads(threads: Option<usize>) -> Result<()> {
 pub fn run(a: &BenchArgs) -> Result<()> {
     setup_threads(a.threads)?;
     let path = crate::fetch::resolve_model(a.model.as_deref())?;
-    let model = Model::load(&path)?;
+    let model = crate::quantize::load_model(&path, a.quantize.as_deref())?;
     let bar = progress_bar(0, "tokens", a.quiet || a.json);
     let row = bench_row(a, &model, &path, &bar)?;
     bar.finish_and_clear();
@@ -726,6 +729,9 @@ pub struct CompareArgs {
     pub kv: Vec<String>,
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
+    /// Quantize the matrices in memory at load time (q4_0, q8_0, q4_k_m, ...).
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// Text file to teacher-force (default: the built-in workload text).
     #[arg(long, short = 'f', conflicts_with = "prompt")]
     pub file: Option<PathBuf>,
@@ -794,7 +800,7 @@ pub struct CompareRow {
 pub fn compare(a: &CompareArgs) -> Result<()> {
     setup_threads(a.threads)?;
     let path = crate::fetch::resolve_model(a.model.as_deref())?;
-    let model = Model::load(&path)?;
+    let model = crate::quantize::load_model(&path, a.quantize.as_deref())?;
     let bar = progress_bar(0, "tokens", a.quiet || a.json);
     let row = compare_row(a, &model, &path, &bar)?;
     bar.finish_and_clear();

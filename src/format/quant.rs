@@ -591,8 +591,10 @@ fn nearest_int(v: f32) -> i32 {
 /// from the min/max fit, then tries `nstep + 1` scales `(nmax + rmin + rdelta * is) / (max - min)`,
 /// solving the weighted least-squares scale and offset for each one's levels and keeping the best.
 /// Writes the chosen levels to `levels` and returns `(scale, the_min)`.
+///
+/// Public so that tests can hold the search against a brute-force one on random sub-blocks.
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(
+pub fn make_qkx2_quants(
     nmax: i32,
     x: &[f32],
     weights: &[f32],
@@ -778,7 +780,9 @@ fn quantize_q5_k(x: &[f32], b: &mut [u8]) {
 /// `scale = -max / nmax` (`max` the signed element of largest magnitude), takes the weighted
 /// least-squares scale for those levels, then tries 18 nearby starting scales and keeps any whose
 /// levels explain more of the weighted signal. Writes the levels and returns the scale.
-fn make_qx_quants(nmax: i32, x: &[f32], levels: &mut [u8]) -> f32 {
+///
+/// Public so that tests can hold the search against an exhaustive one on random sub-blocks.
+pub fn make_qx_quants(nmax: i32, x: &[f32], levels: &mut [u8]) -> f32 {
     let (mut amax, mut max) = (0.0f32, 0.0f32);
     for &v in x {
         if v.abs() > amax {

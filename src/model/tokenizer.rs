@@ -1330,6 +1330,17 @@ pub fn synthetic_gpt2_metadata(n_vocab: usize) -> Result<Vec<(String, Value)>> {
     ])
 }
 
+/// The `tokenizer.ggml.pre` name llama.cpp gives a Hugging Face `Split` pre-tokenizer regex, for
+/// the regexes kvgear's GGUF tokenizer implements (`kvgear quantize` of a safetensors model).
+pub fn gguf_pre_for_regex(regex: &str) -> Option<&'static str> {
+    match regex {
+        LLAMA3_REGEX => Some("llama-bpe"),
+        QWEN2_REGEX => Some("qwen2"),
+        GPT2_REGEX => Some("gpt-2"),
+        _ => None,
+    }
+}
+
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
