@@ -15,6 +15,7 @@
 
 pub mod ffi;
 pub mod kv;
+pub mod kvcodec;
 mod layers;
 pub mod selftest;
 
@@ -147,6 +148,13 @@ impl CudaRuntime {
             _module: module,
             layers,
         })
+    }
+
+    /// A kernel of the embedded fatbin by name (for launch wrappers outside this module).
+    pub(crate) fn function(&self, name: &str) -> Result<CudaFunction> {
+        self._module
+            .load_function(name)
+            .map_err(|e| anyhow!("kernel {name} is not in the embedded fatbin: {e}"))
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

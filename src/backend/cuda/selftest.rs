@@ -349,6 +349,7 @@ pub fn run_on(rt: &CudaRuntime, seed: u64) -> Result<Vec<SelftestLine>> {
             |t| t.argmax(n_rows, n_cols, rows, offset),
         );
     }
+    t.lines.extend(super::kvcodec::check::checks(rt, seed));
     Ok(t.lines)
 }
 
@@ -361,13 +362,13 @@ fn offset_note(offset: usize) -> String {
 }
 
 /// The outcome of one case before it becomes a line.
-struct Outcome {
-    tol: Tolerance,
-    max_abs_err: f64,
-    max_rel_err: f64,
-    mismatches: usize,
+pub(crate) struct Outcome {
+    pub(crate) tol: Tolerance,
+    pub(crate) max_abs_err: f64,
+    pub(crate) max_rel_err: f64,
+    pub(crate) mismatches: usize,
     /// First problem found, if any.
-    problem: Option<String>,
+    pub(crate) problem: Option<String>,
 }
 
 struct Tester<'a> {
@@ -627,7 +628,7 @@ impl Guarded {
     }
 }
 
-fn compare(got: &[f32], want: &[f32], tol: Tolerance) -> Outcome {
+pub(crate) fn compare(got: &[f32], want: &[f32], tol: Tolerance) -> Outcome {
     let scale = want
         .iter()
         .filter(|v| v.is_finite())
@@ -905,10 +906,11 @@ pub fn microbench(rt: &CudaRuntime, iters: usize, seed: u64) -> Result<Vec<Bench
         t,
         None,
     ));
+    lines.extend(super::kvcodec::check::bench(rt, iters, seed)?);
     Ok(lines)
 }
 
-fn bench_line(
+pub(crate) fn bench_line(
     kernel: &'static str,
     shape: String,
     bytes: u64,
@@ -929,7 +931,7 @@ fn bench_line(
 }
 
 /// (median, min) in milliseconds of `iters` timed launches of `launch`.
-fn time(
+pub(crate) fn time(
     rt: &CudaRuntime,
     iters: usize,
     mut launch: impl FnMut() -> Result<()>,
