@@ -25,9 +25,11 @@
 //   its rows and chunk, reduced over the row groups through shared memory, plus B (sum_j p_j A_j).
 //   partial[item, hh] = (o[head_dim], m, l).
 // kv_attn_quant_combine[_mass](partial, heads, scores, out, mass, KvQAttnParams)
-//   One block per KV head: merges its items' (o, m, l) into out (flash-decoding); the _mass
-//   variant then adds sum_hh exp(s_hh,j - M_hh) / L_hh to mass for every token j of the head,
-//   each by one thread (no atomics: the result does not depend on scheduling).
+//   Grid (n_kv_heads, splits): block (g, 0) merges head g's items' (o, m, l) into out
+//   (flash-decoding); with mass, block (g, y) also adds sum_hh exp(s_hh,j - M_hh) / L_hh to mass
+//   for tokens j in [y, y + 1) * KV_Q_COMBINE_MASS_TOKENS, each token by one thread (no atomics:
+//   the result does not depend on scheduling). Every block derives M and L from the items
+//   itself (a few loads), so the mass spreads over many blocks.
 //
 // Prefill (any n_tokens, meant for n_tokens > 1), flash style:
 // kv_attn_quant_prefill_d{64,128,256}(arena, buf_k, buf_v, blocks, group_starts, heads, q, out,
@@ -330,6 +332,7 @@ __device__ __forceinline__ void attn_combine(const float* __restrict__ partial, 
     const uint32_t g = blockIdx.x, gs = p.gqa, d = p.s.head_dim, tid = threadIdx.x;
     const KvQHead hd = heads[g];
     const size_t stride = d + 2;
+    const bool write_out = blockIdx.y == 0;
     for (uint32_t hh = 0; hh < gs; ++hh) {
         float mx = -CUDART_INF_F;
         for (uint32_t i = 0; i < hd.n_items; ++i) {
@@ -340,7 +343,7 @@ __device__ __forceinline__ void attn_combine(const float* __restrict__ partial, 
             const float* pi = partial + ((hd.item0 + i) * gs + hh) * stride;
             sum += pi[d + 1] * expf(pi[d] - mx);
         }
-        for (uint32_t c = tid; c < d; c += blockDim.x) {
+        for (uint32_t c = tid; c < d && write_out; c += blockDim.x) {
             float o = 0.0f;
             for (uint32_t i = 0; i < hd.n_items; ++i) {
                 const float* pi = partial + ((hd.item0 + i) * gs + hh) * stride;
@@ -355,7 +358,8 @@ __device__ __forceinline__ void attn_combine(const float* __restrict__ partial, 
     }
     if (MASS) {
         __syncthreads();
-        for (uint32_t j = tid; j < hd.len; j += blockDim.x) {
+        const uint32_t j1 = min(hd.len, (blockIdx.y + 1) * KV_Q_COMBINE_MASS_TOKENS);
+        for (uint32_t j = blockIdx.y * KV_Q_COMBINE_MASS_TOKENS + tid; j < j1; j += blockDim.x) {
             float m = 0.0f;
             for (uint32_t hh = 0; hh < gs; ++hh) {
                 m += expf(scores[(static_cast<size_t>(g) * gs + hh) * p.score_stride + j] - s_max[hh]) / s_sum[hh];

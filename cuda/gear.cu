@@ -14,7 +14,7 @@
 //     3. (outliers) in index order, select every entry above T and the first (k - #above)
 //        entries equal to T (blocked.rs/sparse.rs: largest |x| first, ties to the lower index),
 //        write them (index, f16 value) compacted in index order, zero them, set their mask bit
-//        and count them per row;
+//        (one mask byte per 8 entries) and count them per row;
 //     4. quantization parameters per scale group (written to the arena), then codes (packed by
 //        chunks of 8 channels) and, for GEAR with rank > 0, the residual x - deq, 0 on outliers;
 //     5. (rank > 0) power iteration as lowrank.rs: from the host's start vectors B0, `iters`
@@ -87,7 +87,7 @@ __device__ void compress_part(uint8_t* arena, const __half* buf, const float* in
     const uint32_t g = job.head;
     const uint32_t tid = threadIdx.x, T = blockDim.x;
     float* x = scratch + job.x[part];
-    uint32_t* mask = reinterpret_cast<uint32_t*>(scratch + job.mask[part]);
+    uint8_t* mask = reinterpret_cast<uint8_t*>(scratch + job.mask[part]);  // one byte per chunk of 8
     uint32_t* row_count = counts + job.counts[part];
     const uint32_t k_out = P.n_out;
     const float levels = static_cast<float>((1u << s.bits) - 1u);
@@ -105,7 +105,7 @@ __device__ void compress_part(uint8_t* arena, const __half* buf, const float* in
         for (uint32_t i = tid; i < m; i += T) {
             row_count[i] = 0;
         }
-        for (uint32_t w = tid; w < (n + 31) / 32; w += T) {
+        for (uint32_t w = tid; w < n / KV_Q_CHUNK; w += T) {
             mask[w] = 0;
         }
         __syncthreads();
@@ -138,34 +138,55 @@ __device__ void compress_part(uint8_t* arena, const __half* buf, const float* in
         const uint32_t thresh = (hi << 8) | sel_bin;
         const uint32_t n_ties = k_out - above_hi - sel_above;
 
-        // Pass 3: select in index order, compact, zero, mask, count per row.
+        // Pass 3: select in index order, compact, zero, mask, count per row. Each thread takes
+        // 8 consecutive entries a round (one chunk: same row, one mask byte), so a round of
+        // T * 8 entries needs two block scans: ties before each thread, then selections.
         uint32_t seen_ties = 0, written = 0;
-        const uint32_t lane = tid % kWarpSize, warp = tid / kWarpSize;
-        for (uint32_t base = 0; base < n; base += T) {
-            const uint32_t e = base + tid;
-            const bool valid = e < n;
-            const uint32_t key = valid ? mag_key(x[e]) : 0u;
-            const bool tie = valid && key == thresh;
-            uint32_t n_tie_chunk, n_sel_chunk;
-            const uint32_t tie_rank = seen_ties + block_scan_flag(tie, scan_scratch, &n_tie_chunk);
-            const bool sel = valid && (key > thresh || (tie && tie_rank < n_ties));
-            const uint32_t at = written + block_scan_flag(sel, scan_scratch, &n_sel_chunk);
-            const uint32_t bits_w = __ballot_sync(kFullMask, sel);
-            if (sel) {
-                if (blk.idx_bytes == 2) {
-                    reinterpret_cast<uint16_t*>(arena + P.idx)[at] = static_cast<uint16_t>(e);
-                } else {
-                    reinterpret_cast<uint32_t*>(arena + P.idx)[at] = e;
+        for (uint32_t base = 0; base < n; base += T * KV_Q_CHUNK) {
+            const uint32_t e0 = base + tid * KV_Q_CHUNK;
+            const bool valid = e0 < n;  // n is a multiple of 8: a chunk is all in or all out
+            uint32_t keys[KV_Q_CHUNK];
+            uint32_t n_tie = 0;
+#pragma unroll
+            for (int i = 0; i < KV_Q_CHUNK; ++i) {
+                keys[i] = valid ? mag_key(x[e0 + i]) : 0u;
+                n_tie += (valid && keys[i] == thresh) ? 1u : 0u;
+            }
+            uint32_t round_ties, round_sel;
+            uint32_t tie_rank = seen_ties + block_scan_u32(n_tie, scan_scratch, &round_ties);
+            uint32_t sel_bits = 0, n_sel = 0;
+#pragma unroll
+            for (int i = 0; i < KV_Q_CHUNK; ++i) {
+                const bool tie = valid && keys[i] == thresh;
+                if (valid && (keys[i] > thresh || (tie && tie_rank < n_ties))) {
+                    sel_bits |= 1u << i;
+                    ++n_sel;
                 }
-                reinterpret_cast<__half*>(arena + P.val)[at] = __float2half_rn(x[e]);
-                x[e] = 0.0f;
-                atomicAdd(&row_count[e / d], 1u);
+                tie_rank += tie ? 1u : 0u;
             }
-            if (lane == 0 && base + warp * kWarpSize < n) {
-                mask[(base >> 5) + warp] = bits_w;
+            uint32_t at = written + block_scan_u32(n_sel, scan_scratch, &round_sel);
+#pragma unroll
+            for (int i = 0; i < KV_Q_CHUNK; ++i) {
+                if ((sel_bits >> i) & 1u) {
+                    const uint32_t e = e0 + i;
+                    if (blk.idx_bytes == 2) {
+                        reinterpret_cast<uint16_t*>(arena + P.idx)[at] = static_cast<uint16_t>(e);
+                    } else {
+                        reinterpret_cast<uint32_t*>(arena + P.idx)[at] = e;
+                    }
+                    reinterpret_cast<__half*>(arena + P.val)[at] = __float2half_rn(x[e]);
+                    x[e] = 0.0f;
+                    ++at;
+                }
             }
-            seen_ties += n_tie_chunk;
-            written += n_sel_chunk;
+            if (valid) {
+                mask[e0 / KV_Q_CHUNK] = static_cast<uint8_t>(sel_bits);
+                if (n_sel > 0) {
+                    atomicAdd(&row_count[e0 / d], n_sel);
+                }
+            }
+            seen_ties += round_ties;
+            written += round_sel;
         }
         __syncthreads();
     }
@@ -216,7 +237,7 @@ __device__ void compress_part(uint8_t* arena, const __half* buf, const float* in
         const ScaleRow sr = scale_row(s, PartPtr{codes, scales, nullptr, nullptr, nullptr, nullptr, 0}, part, j, gi);
         uint64_t w = 0;
         float* xr = x + j * d + kc * KV_Q_CHUNK;
-        const uint32_t mbits = k_out > 0 ? (mask[(j * d + kc * KV_Q_CHUNK) >> 5] >> ((j * d + kc * KV_Q_CHUNK) & 31u)) : 0u;
+        const uint32_t mbits = k_out > 0 ? mask[(j * d) / KV_Q_CHUNK + kc] : 0u;
 #pragma unroll
         for (int i = 0; i < KV_Q_CHUNK; ++i) {
             const uint32_t c = kc * KV_Q_CHUNK + i;
@@ -314,7 +335,7 @@ __device__ void compress_part(uint8_t* arena, const __half* buf, const float* in
     __syncthreads();
     double without = 0.0, with = 0.0;
     for (uint32_t e = tid; e < n; e += T) {
-        if (k_out > 0 && ((mask[e >> 5] >> (e & 31u)) & 1u)) {
+        if (k_out > 0 && ((mask[e / KV_Q_CHUNK] >> (e % KV_Q_CHUNK)) & 1u)) {
             continue;
         }
         const uint32_t j = e / d, c = e % d;

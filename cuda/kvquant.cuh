@@ -272,28 +272,6 @@ __device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
     return v;
 }
 
-// Exclusive prefix sum of a 0/1 flag over the block, in thread order; *total gets the block's
-// sum. scratch holds 32 ints. Ends with a barrier.
-__device__ __forceinline__ uint32_t block_scan_flag(bool flag, uint32_t* scratch, uint32_t* total) {
-    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-    const int n_warps = blockDim.x / kWarpSize;
-    const uint32_t ballot = __ballot_sync(kFullMask, flag);
-    const uint32_t below = __popc(ballot & ((1u << lane) - 1u));
-    if (lane == 0) {
-        scratch[warp] = __popc(ballot);
-    }
-    __syncthreads();
-    uint32_t before = 0, sum = 0;
-    for (int w = 0; w < n_warps; ++w) {
-        const uint32_t c = scratch[w];
-        before += w < warp ? c : 0u;
-        sum += c;
-    }
-    __syncthreads();
-    *total = sum;
-    return before + below;
-}
-
 // Exclusive prefix sum of one uint32 per thread over the block (thread order); *total gets the
 // sum. scratch holds 32 ints. Ends with a barrier.
 __device__ __forceinline__ uint32_t block_scan_u32(uint32_t v, uint32_t* scratch, uint32_t* total) {

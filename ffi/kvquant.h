@@ -44,6 +44,9 @@
 #define KV_Q_ATTN_THREADS 128
 /* Threads per block of the combine kernel. */
 #define KV_Q_COMBINE_THREADS 256
+/* Tokens of one KV head whose attention mass one combine block adds up (grid.y splits a head's
+ * tokens into runs of this many). */
+#define KV_Q_COMBINE_MASS_TOKENS 1024
 /* Threads per block of the compression kernel. */
 #define KV_Q_COMPRESS_THREADS 256
 /* Threads per block of the gather (eviction) and buffer-append kernels. */
@@ -149,7 +152,7 @@ typedef struct KvQCompressJob {
     uint32_t x[2];       /* float offsets in the scratch, per part: the block as f32 [n, head_dim] */
     uint32_t fa[2];      /* A as f32 [n, rank] */
     uint32_t fb[2];      /* B as f32 [head_dim, rank] */
-    uint32_t mask[2];    /* u32 words: bit e set when entry e is an outlier */
+    uint32_t mask[2];    /* bytes (n * head_dim / 8): bit e % 8 of byte e / 8 set when entry e is an outlier */
     uint32_t counts[2];  /* u32 offsets in the row-count output: outliers per row, [n] */
 } KvQCompressJob;
 

@@ -459,3 +459,29 @@ pub fn bench(rt: &CudaRuntime, iters: usize, seed: u64) -> Result<Vec<BenchLine>
     lines.push(bench_line("kv_quant_compress", format!("gear block of {nb} tokens x {heads} heads x {d}: {}", ratios.join("; ")), block_bytes, iters.max(1), compress, None));
     Ok(lines)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::scheme_of;
+    use super::*;
+    use crate::kv::codec::make_codec;
+
+    /// Every scenario is one the CPU codec and the device codec accept, within the kernels'
+    /// limits, so a GPU run never fails on a configuration mistake.
+    #[test]
+    fn scenarios_are_valid_configurations() {
+        let all = scenarios();
+        assert!(all.iter().any(|s| s.prompt == 1) && all.iter().any(|s| s.head_dim == 64) && all.iter().any(|s| s.head_dim == 128));
+        assert!(all.iter().any(|s| s.n_heads > s.heads) && all.iter().any(|s| s.budget.is_some()));
+        for sc in &all {
+            let what = sc.describe();
+            make_codec(sc.codec, &sc.params, sc.heads, sc.head_dim, 1).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+            let capacity = sc.prompt + 2 * sc.decode + 8;
+            scheme_of(sc.codec, &sc.params, sc.heads, sc.head_dim, capacity, 1).and_then(|s| s.check()).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+            assert!(sc.n_heads % sc.heads == 0 && sc.n_heads / sc.heads <= 8, "{what}");
+            if let Some(b) = sc.budget {
+                assert!(b > sc.heads && b < sc.prompt + sc.decode, "{what}: budget {b} evicts nothing or everything");
+            }
+        }
+    }
+}

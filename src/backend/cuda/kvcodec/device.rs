@@ -3,18 +3,20 @@
 //! Device state of one layer: the arena (every compressed block), the fp16 buffers
 //! `[n_kv_heads, flush, head_dim]` of K and V, the tables (re-uploaded after any change), and
 //! scratch buffers kept between calls (attention's partial results, scores and statistics).
-//! Everything runs on the runtime's stream; the only synchronising calls are the download of
-//! the outlier counts after a GEAR compression (the host needs them to evict rows later) and
-//! the diagnostics' downloads.
+//! Everything runs on the runtime's stream and nothing synchronises it but the diagnostics'
+//! downloads. GEAR's outliers per row (the host needs them only to evict rows) are copied
+//! asynchronously into pinned host memory after each compression and read at the next
+//! eviction, or once PENDING_MAX compressions wait, by which time the copy has long finished
+//! (reading waits for that copy's event only, not for the stream).
 
 use anyhow::{anyhow, bail, Result};
-use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use half::f16;
 
 use super::super::ffi::{
     KvQAttnParams, KvQBlock, KvQBufferCopy, KvQBufferParams, KvQCompressJob, KvQCompressParams, KvQDecodeParams,
-    KvQHead, KvQItem, KvQSegment, KV_Q_ATTN_THREADS, KV_Q_COMBINE_THREADS, KV_Q_COMPRESS_THREADS, KV_Q_COPY_THREADS,
-    KV_Q_MAX_GQA, KV_Q_PREFILL_QROWS,
+    KvQHead, KvQItem, KvQSegment, KV_Q_ATTN_THREADS, KV_Q_COMBINE_MASS_TOKENS, KV_Q_COMBINE_THREADS,
+    KV_Q_COMPRESS_THREADS, KV_Q_COPY_THREADS, KV_Q_MAX_GQA, KV_Q_PREFILL_QROWS,
 };
 use super::super::kv::DeviceCodec;
 use super::super::CudaRuntime;
@@ -108,6 +110,9 @@ impl Kernels {
     }
 }
 
+/// Compressions whose outlier counts may wait before they are read.
+const PENDING_MAX: usize = 8;
+
 struct DevTables {
     blocks: CudaSlice<KvQBlock>,
     group_starts: CudaSlice<u32>,
@@ -166,6 +171,10 @@ pub struct QuantDeviceCodec {
     partial: Option<CudaSlice<f32>>,
     scores: Option<CudaSlice<f32>>,
     stats: Option<CudaSlice<f32>>,
+    /// Appends whose outlier counts are on their way to the host.
+    pending: Vec<(AppendPlan, PinnedHostSlice<u32>)>,
+    /// Pinned buffers free for reuse.
+    pinned: Vec<PinnedHostSlice<u32>>,
 }
 
 impl QuantDeviceCodec {
@@ -186,7 +195,19 @@ impl QuantDeviceCodec {
             partial: None,
             scores: None,
             stats: None,
+            pending: Vec::new(),
+            pinned: Vec::new(),
         })
+    }
+
+    /// Records the outlier counts of every compression whose counts are still on their way.
+    fn resolve_pending(&mut self) -> Result<()> {
+        for (plan, host) in std::mem::take(&mut self.pending) {
+            let counts = host.as_slice().map_err(|e| anyhow!("waiting for the outlier counts: {e}"))?;
+            self.store.finish_append(&plan, &counts[..plan.counts_len])?;
+            self.pinned.push(host);
+        }
+        Ok(())
     }
 
     /// Device bytes reserved for this layer's storage (the arena and the fp16 buffers), which
@@ -263,7 +284,9 @@ impl QuantDeviceCodec {
         Ok(())
     }
 
-    fn run_append(&mut self, rt: &CudaRuntime, k: &CudaSlice<f32>, v: &CudaSlice<f32>, plan: &AppendPlan) -> Result<Vec<u32>> {
+    /// Launches an append's kernels; returns the outlier counts' pinned copy (when the jobs
+    /// extract outliers), in flight.
+    fn run_append(&mut self, rt: &CudaRuntime, k: &CudaSlice<f32>, v: &CudaSlice<f32>, plan: &AppendPlan) -> Result<Option<PinnedHostSlice<u32>>> {
         let s = self.store.s;
         self.ensure_arena(rt, plan.arena_cap)?;
         let stream = rt.stream();
@@ -311,11 +334,20 @@ impl QuantDeviceCodec {
             // flush (plan_append keeps the buffer under flush rows).
             unsafe { l.launch(cfg) }.map_err(|e| launch_error("kv_quant_buffer_append", &cfg, e))?;
         }
-        if plan.has_outliers() {
-            rt.download(&counts)
-        } else {
-            Ok(Vec::new())
+        if !plan.has_outliers() {
+            return Ok(None);
         }
+        let mut host = match self.pinned.iter().position(|h| h.len() >= plan.counts_len) {
+            Some(i) => self.pinned.swap_remove(i),
+            // SAFETY: plain page-locked memory (no write-combining: the host reads it); only
+            // the first counts_len values are read, after the copy below has written them.
+            None => unsafe { rt.context().alloc_pinned_with_flags::<u32>(plan.counts_len.max(1), 0) }
+                .map_err(|e| anyhow!("allocating {} bytes of pinned host memory: {e}", 4 * plan.counts_len))?,
+        };
+        stream
+            .memcpy_dtoh(&counts.slice(..plan.counts_len), &mut host)
+            .map_err(|e| anyhow!("copying the outlier counts to the host: {e}"))?;
+        Ok(Some(host))
     }
 
     /// Tokens `tokens` of head `g` decoded to f32, `[n, 2, head_dim]` (K then V): the storage as
@@ -402,11 +434,17 @@ impl DeviceCodec for QuantDeviceCodec {
         if n_tokens > u32::MAX as usize / (s.n_kv_heads * s.head_dim) {
             bail!("append of {n_tokens} tokens exceeds the kernels' 32-bit indices");
         }
+        if self.pending.len() >= PENDING_MAX {
+            self.resolve_pending()?;
+        }
         self.flush(rt)?;
         let plan = self.store.plan_append(n_tokens)?;
         self.tables = None;
-        let counts = self.run_append(rt, k, v, &plan)?;
-        self.store.finish_append(&plan, &counts)
+        match self.run_append(rt, k, v, &plan)? {
+            Some(host) => self.pending.push((plan, host)),
+            None => self.store.finish_append(&plan, &[])?,
+        }
+        Ok(())
     }
 
     fn len(&self, g: usize) -> usize {
@@ -484,7 +522,8 @@ impl DeviceCodec for QuantDeviceCodec {
             // floats, scores (mass only) n_heads * capacity >= every head's length, and the
             // tables match the arena (flushed and uploaded above).
             unsafe { l.launch(cfg) }.map_err(|e| launch_error(name, &cfg, e))?;
-            let cfg = LaunchConfig { grid_dim: (h_kv as u32, 1, 1), block_dim: (KV_Q_COMBINE_THREADS, 1, 1), shared_mem_bytes: 0 };
+            let splits = if want_mass { max_len.div_ceil(KV_Q_COMBINE_MASS_TOKENS as usize) } else { 1 };
+            let cfg = LaunchConfig { grid_dim: (h_kv as u32, splits as u32, 1), block_dim: (KV_Q_COMBINE_THREADS, 1, 1), shared_mem_bytes: 0 };
             let name = COMBINE[usize::from(want_mass)];
             let mut l = stream.launch_builder(&self.k.combine[usize::from(want_mass)]);
             l.arg(&pp).arg(&hp).arg(&scp).arg(&op).arg(&mp).arg(&p);
@@ -537,10 +576,27 @@ impl DeviceCodec for QuantDeviceCodec {
     }
 
     fn evict(&mut self, _rt: &CudaRuntime, g: usize, idx: &[usize]) -> Result<()> {
+        self.resolve_pending()?;
         self.store.evict(g, idx)
     }
 
     fn bytes(&self) -> KvBytes {
         self.store.bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The prefill kernels' dynamic shared memory stays under the 48 KiB every architecture
+    /// grants without opting in, for every head_dim the device codecs take.
+    #[test]
+    fn prefill_shared_memory_fits_without_opt_in() {
+        for d in [8usize, 16, 32, 64, 128, 256] {
+            let kt = prefill_k_tile(d);
+            assert!(kt <= 32, "the tile bookkeeping holds 32 rows");
+            assert!(prefill_smem_bytes(d, kt) <= 48 * 1024, "head_dim {d}: {} bytes", prefill_smem_bytes(d, kt));
+        }
     }
 }

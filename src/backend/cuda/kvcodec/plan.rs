@@ -237,10 +237,13 @@ impl Block {
         sizes.into_iter().filter(|&c| c > 0).collect()
     }
 
+    /// Outliers of part `p` in the surviving rows. A clean block needs no per-row counts (they
+    /// arrive from the device later, see `finish_append`); a dirty one must have them.
     fn kept_outliers(&self, p: usize) -> usize {
-        if self.row_out[p].is_empty() {
-            return 0;
+        if !self.dirty() || self.dev.parts[p].n_out == 0 {
+            return self.dev.parts[p].n_out;
         }
+        assert_eq!(self.row_out[p].len(), self.dev.n_rows, "outlier counts of an evicted block must be recorded before eviction");
         self.keep.iter().map(|&r| self.row_out[p][r as usize] as usize).sum()
     }
 
@@ -523,6 +526,8 @@ impl Store {
     }
 
     /// Records the outliers per row the compression jobs counted (`counts`, `counts_len` u32).
+    /// Only eviction needs them, so the executor may call this late, but before any `evict`
+    /// (blocks keep their indices until a flush, and only an eviction leads to a flush).
     pub(crate) fn finish_append(&mut self, plan: &AppendPlan, counts: &[u32]) -> Result<()> {
         for (job, &(g, bi)) in plan.jobs.iter().zip(&plan.new_blocks) {
             let blk = &mut self.heads[g].blocks[bi];
