@@ -2,13 +2,12 @@
 // Storage layout and parameter structs: ffi/kvquant.h. Host side: src/backend/cuda/kvcodec/.
 // The CPU functions each kernel must match are in src/kv/codec/ (blocked.rs is the oracle).
 //
-// kv_quant_compress(arena, buf_k, buf_v, in_k, in_v, jobs, b0, scratch, counts, KvQCompressParams)
+// kv_quant_compress(arena, buf_k, buf_v, jobs, b0, scratch, counts, KvQCompressParams)
 //   Grid (n_jobs, 2), KV_Q_COMPRESS_THREADS threads: one block per (job, part), part 0 = K,
-//   1 = V. A job compresses the first n rows of one head's virtual buffer: its n_old fp16 rows,
-//   then the append's rows (f32 [n_tokens, n_kv_heads, head_dim], rounded to f16 as the cache
-//   stores them), into a block whose arena offsets the host assigned. The block's x scratch
+//   1 = V. A job compresses the first n rows of one head's fp16 buffer (blocked.rs:
+//   compress_due) into a block whose arena offsets the host assigned. The block's x scratch
 //   [n, head_dim] f32 holds the values and then the residual. Passes over the block:
-//     1. load + round to f16 + (GEAR outliers) histogram of the high byte of |x|'s f16 bits;
+//     1. load + (GEAR outliers) histogram of the high byte of |x|'s f16 bits;
 //     2. (outliers) histogram of the low byte among entries in the chosen high byte: together
 //        they give the k-th largest magnitude T (a radix select over the 15 bits of |f16|);
 //     3. (outliers) in index order, select every entry above T and the first (k - #above)
@@ -26,10 +25,10 @@
 //        without them (f64); zero factors when they make it worse (lowrank.rs: fit).
 //   Outliers per row go to counts (the host needs them to evict rows).
 //
-// kv_quant_buffer_append(buf_k, buf_v, in_k, in_v, copies, KvQBufferParams)
-//   Grid (rows, n_kv_heads), KV_Q_COPY_THREADS threads striding over head_dim: row r of head g
-//   is the append's row copies[g].t_from + r (skipped past n_tokens), stored (f16) at buffer row
-//   copies[g].dst0 + r.
+// kv_quant_buffer_append(buf_k, buf_v, in_k, in_v, dst0, KvQBufferParams)
+//   Grid (n_tokens, n_kv_heads), KV_Q_COPY_THREADS threads striding over head_dim: the append's
+//   row t of head g, rounded to f16 (as blocked.rs's append stores it), goes to buffer row
+//   dst0[g] + t.
 //
 // kv_quant_gather(arena, scratch, buf_k, buf_v, segments, n_segments)
 //   One block per segment: copies n_bytes from one space to another (16-, 4- or 1-byte units as
@@ -46,15 +45,6 @@
 
 namespace kv {
 namespace q {
-
-// The f16 value of the virtual buffer's entry (row i, channel c) of head g.
-__device__ __forceinline__ __half virtual_entry(const __half* buf, const float* in, const KvQShape& s, uint32_t g,
-                                                uint32_t n_old, uint32_t i, uint32_t c) {
-    if (i < n_old) {
-        return buf[(static_cast<size_t>(g) * s.buf_rows + i) * s.head_dim + c];
-    }
-    return __float2half_rn(in[(static_cast<size_t>(i - n_old) * s.n_kv_heads + g) * s.head_dim + c]);
-}
 
 // The 15-bit magnitude key of an f16-exact value (its f16 bits without the sign). Ordering keys
 // as integers orders magnitudes as f32::total_cmp orders the CPU's |x|.
@@ -77,7 +67,7 @@ __device__ __forceinline__ void find_bin(const uint32_t* hist, uint32_t n_bins, 
     __syncthreads();
 }
 
-__device__ void compress_part(uint8_t* arena, const __half* buf, const float* in, const KvQCompressJob& job,
+__device__ void compress_part(uint8_t* arena, const __half* buf, const KvQCompressJob& job,
                               uint32_t part, const float* b0, float* scratch, uint32_t* counts,
                               const KvQCompressParams& p) {
     const KvQShape& s = p.s;
@@ -97,7 +87,7 @@ __device__ void compress_part(uint8_t* arena, const __half* buf, const float* in
     __shared__ uint32_t sel_bin, sel_above;
     __shared__ double f64_scratch[32];
 
-    // Pass 1: load, round to f16, histogram of the high byte of the magnitude.
+    // Pass 1: load, histogram of the high byte of the magnitude.
     if (k_out > 0) {
         for (uint32_t i = tid; i < 256; i += T) {
             hist[i] = 0;
@@ -110,8 +100,9 @@ __device__ void compress_part(uint8_t* arena, const __half* buf, const float* in
         }
         __syncthreads();
     }
+    const __half* rows = buf + static_cast<size_t>(g) * s.buf_rows * d;
     for (uint32_t e = tid; e < n; e += T) {
-        const __half h = virtual_entry(buf, in, s, g, job.n_old, e / d, e % d);
+        const __half h = rows[e];
         x[e] = __half2float(h);
         if (k_out > 0) {
             atomicAdd(&hist[(__half_as_ushort(h) & 0x7fffu) >> 8], 1u);
@@ -373,30 +364,25 @@ __device__ __forceinline__ uint8_t* space(uint8_t* arena, uint8_t* scratch, uint
 
 extern "C" __global__ void __launch_bounds__(KV_Q_COMPRESS_THREADS, 1)
     kv_quant_compress(uint8_t* __restrict__ arena, const __half* __restrict__ buf_k, const __half* __restrict__ buf_v,
-                      const float* __restrict__ in_k, const float* __restrict__ in_v,
                       const KvQCompressJob* __restrict__ jobs, const float* __restrict__ b0,
                       float* __restrict__ scratch, uint32_t* __restrict__ counts, KvQCompressParams p) {
     const uint32_t j = blockIdx.x, part = blockIdx.y;
     if (j >= p.n_jobs) {
         return;
     }
-    kv::q::compress_part(arena, part == 0 ? buf_k : buf_v, part == 0 ? in_k : in_v, jobs[j], part, b0, scratch, counts,
-                         p);
+    kv::q::compress_part(arena, part == 0 ? buf_k : buf_v, jobs[j], part, b0, scratch, counts, p);
 }
 
 extern "C" __global__ void __launch_bounds__(KV_Q_COPY_THREADS)
     kv_quant_buffer_append(__half* __restrict__ buf_k, __half* __restrict__ buf_v, const float* __restrict__ in_k,
-                           const float* __restrict__ in_v, const KvQBufferCopy* __restrict__ copies,
-                           KvQBufferParams p) {
-    const uint32_t r = blockIdx.x, g = blockIdx.y;
-    const KvQBufferCopy cp = copies[g];
-    const uint32_t t = cp.t_from + r;
+                           const float* __restrict__ in_v, const uint32_t* __restrict__ dst0, KvQBufferParams p) {
+    const uint32_t t = blockIdx.x, g = blockIdx.y;
     if (t >= p.n_tokens) {
         return;
     }
     const uint32_t d = p.s.head_dim;
     const size_t src = (static_cast<size_t>(t) * p.s.n_kv_heads + g) * d;
-    const size_t dst = (static_cast<size_t>(g) * p.s.buf_rows + cp.dst0 + r) * d;
+    const size_t dst = (static_cast<size_t>(g) * p.s.buf_rows + dst0[g] + t) * d;
     for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
         buf_k[dst + c] = __float2half_rn(in_k[src + c]);
         buf_v[dst + c] = __float2half_rn(in_v[src + c]);

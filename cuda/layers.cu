@@ -45,6 +45,16 @@
 //   values, the smaller index. Rows containing NaN give an unspecified index (the reference's
 //   answer there depends on its scan order).
 //
+// kv_add_bias_f32(x, b, KvBiasParams)                           -> Cpu::add_bias
+//   x [n_rows, width] += b [width] per row; one thread per element, grid-stride. Exact.
+//
+// kv_gather_rows_u32(src, dst, idx, KvRowsParams): dst row i = src row idx[i];
+// kv_scatter_rows_u32(src, dst, idx, KvRowsParams): dst row idx[i] = src row i.
+//   Rows of row_words 32-bit words (an f16 KV row of head_dim values is head_dim / 2 words); one
+//   block per row, threads over its words. Eviction compacts a cache by gathering the surviving
+//   rows into a scratch buffer and scattering them back to their new places (two launches, so
+//   no row is overwritten before it is read). src and dst must not overlap.
+//
 // No kernel uses fast-math intrinsics: they are all bound by memory bandwidth, so exact
 // division, sqrtf and expf cost nothing measurable and keep the results within a few ulp of
 // the reference.
@@ -268,5 +278,34 @@ extern "C" __global__ void __launch_bounds__(KV_ROW_MAX_THREADS)
         if (lane == 0) {
             out[blockIdx.x] = best_i;
         }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(KV_ELEMENTWISE_THREADS)
+    kv_add_bias_f32(float* __restrict__ x, const float* __restrict__ b, KvBiasParams p) {
+    const size_t n = static_cast<size_t>(p.n_rows) * p.width;
+    for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+        x[i] += b[i % p.width];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(KV_ROWS_THREADS)
+    kv_gather_rows_u32(const uint32_t* __restrict__ src, uint32_t* __restrict__ dst, const uint32_t* __restrict__ idx,
+                       KvRowsParams p) {
+    const size_t from = static_cast<size_t>(idx[blockIdx.x]) * p.row_words;
+    const size_t to = static_cast<size_t>(blockIdx.x) * p.row_words;
+    for (uint32_t c = threadIdx.x; c < p.row_words; c += blockDim.x) {
+        dst[to + c] = src[from + c];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(KV_ROWS_THREADS)
+    kv_scatter_rows_u32(const uint32_t* __restrict__ src, uint32_t* __restrict__ dst, const uint32_t* __restrict__ idx,
+                        KvRowsParams p) {
+    const size_t from = static_cast<size_t>(blockIdx.x) * p.row_words;
+    const size_t to = static_cast<size_t>(idx[blockIdx.x]) * p.row_words;
+    for (uint32_t c = threadIdx.x; c < p.row_words; c += blockDim.x) {
+        dst[to + c] = src[from + c];
     }
 }

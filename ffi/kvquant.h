@@ -4,7 +4,8 @@
  *
  * One layer's cache (codec "uniform", "group" or "gear") lives in
  *   - an arena: one device byte buffer holding every compressed block of every KV head;
- *   - two fp16 buffers buf_k, buf_v [n_kv_heads, buf_rows, head_dim]: each head's recent tokens;
+ *   - two fp16 buffers buf_k, buf_v [n_kv_heads, buf_rows, head_dim]: each head's tokens not yet
+ *     compressed (appends land here; compress_due turns whole buffers of them into a block);
  *   - small tables the host rebuilds when the structure changes: KvQBlock per block (in each
  *     head's token order, heads one after the other), KvQHead per head, the row starts of the
  *     K row groups (Channel layout), and the attention work items.
@@ -122,7 +123,7 @@ typedef struct KvQShape {
     uint32_t k_channel; /* 1: K scales per row group and channel (KIVI); 0: per row and channel group */
     uint32_t k_group;   /* Token layout: channels per K scale group; Channel layout: rows per group */
     uint32_t v_group;   /* channels per V scale group (V is always Token layout) */
-    uint32_t buf_rows;  /* rows per head in buf_k / buf_v */
+    uint32_t buf_rows;  /* rows per head in buf_k / buf_v (the buffer's current capacity) */
 } KvQShape;
 
 /* Attention over the storage: q, out [n_tokens, n_heads, head_dim] f32; query head h reads KV
@@ -141,12 +142,11 @@ typedef struct KvQAttnParams {
     uint32_t pad[3];
 } KvQAttnParams;
 
-/* Compression of the first n_rows tokens of a head's virtual buffer (its n_old fp16 rows, then
- * the append's rows) into the block `blk` (offsets already assigned by the host). */
+/* Compression of the first blk.n_rows rows of a head's fp16 buffer into the block `blk` (offsets
+ * already assigned by the host). */
 typedef struct KvQCompressJob {
     KvQBlock blk;
     uint32_t head;
-    uint32_t n_old;
     uint32_t iters;      /* power-iteration steps (at least 1 when rank > 0) */
     uint32_t b0;         /* float offset of the start vectors: K's [head_dim, rank], then V's */
     uint32_t x[2];       /* float offsets in the scratch, per part: the block as f32 [n, head_dim] */
@@ -159,16 +159,11 @@ typedef struct KvQCompressJob {
 typedef struct KvQCompressParams {
     KvQShape s;
     uint32_t n_jobs;
-    uint32_t n_tokens; /* rows of the append's k and v ([n_tokens, n_kv_heads, head_dim] f32) */
-    uint32_t pad[2];
+    uint32_t pad[3];
 } KvQCompressParams;
 
-/* Per head: append's rows t_from .. n_tokens go to buffer rows dst0 .. */
-typedef struct KvQBufferCopy {
-    uint32_t t_from;
-    uint32_t dst0;
-} KvQBufferCopy;
-
+/* Appending: rows t of k, v ([n_tokens, n_kv_heads, head_dim] f32) go to buffer row dst0[g] + t
+ * of every head g. */
 typedef struct KvQBufferParams {
     KvQShape s;
     uint32_t n_tokens;

@@ -57,4 +57,19 @@ typedef struct KvArgmaxParams {
     uint32_t n_cols;
 } KvArgmaxParams;
 
+/* add_bias: x is [n_rows, width], b is [width]; x[r, :] += b. */
+typedef struct KvBiasParams {
+    uint32_t n_rows;
+    uint32_t width;
+} KvBiasParams;
+
+/* Threads per block of the row gather / scatter kernels. */
+#define KV_ROWS_THREADS 128
+
+/* gather_rows / scatter_rows: rows of row_words 32-bit words; idx has n_rows entries. */
+typedef struct KvRowsParams {
+    uint32_t n_rows;
+    uint32_t row_words;
+} KvRowsParams;
+
 #endif

@@ -8,7 +8,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use kvgear::backend::cpu::Cpu;
+use kvgear::backend::{with_backend, Backend, DeviceChoice, WithBackend};
+use kvgear::kv::strategy::StrategySpec;
 use kvgear::model::llama::{DeviceWeights, Logits, Session};
 use kvgear::model::Model;
 use kvgear::sample::{Sampler, SamplerConfig};
@@ -25,7 +26,8 @@ struct ModelArgs {
     /// GGUF file or Hugging Face safetensors directory (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
-    /// Where to run: `cpu` (fast SIMD backend), `cpu-ref` (the plain reference backend) or `auto`.
+    /// Where to run: `auto` (CUDA device 0 when there is one, else CPU), `cpu` (fast SIMD
+    /// backend), `cpu-ref` (the plain reference backend), `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     device: String,
     /// CPU threads (default: all cores).
@@ -141,23 +143,11 @@ fn setup_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-fn cpu_backend(device: &str) -> Result<Cpu> {
-    match device {
-        "auto" | "cpu" => Ok(Cpu::fast()),
-        "cpu-ref" => Ok(Cpu::reference()),
-        d if d.starts_with("cuda") => bail!(
-            "the CUDA backend runs only `kvgear selftest` so far; the full forward pass on CUDA is not built yet (use --device cpu)"
-        ),
-        d => bail!("unknown device '{d}' (auto, cpu, cpu-ref)"),
-    }
-}
-
-fn load(m: &ModelArgs) -> Result<(Model, Cpu)> {
+fn load(m: &ModelArgs) -> Result<Model> {
     setup_threads(m.threads)?;
-    let backend = cpu_backend(&m.device)?;
+    DeviceChoice::parse(&m.device)?;
     let path = kvgear::fetch::resolve_model(m.model.as_deref())?;
-    let model = Model::load(&path)?;
-    Ok((model, backend))
+    Model::load(&path)
 }
 
 fn ctx_of(m: &ModelArgs, model: &Model) -> usize {
@@ -167,13 +157,12 @@ fn ctx_of(m: &ModelArgs, model: &Model) -> usize {
 fn run(cli: Cli) -> Result<ExitCode> {
     let done: Result<()> = match cli.cmd {
         Cmd::Generate { m, prompt, n_predict, chat, system, greedy, temp, top_k, top_p, seed, ids } => {
-            let (model, backend) = load(&m)?;
+            let model = load(&m)?;
             let seed = seed.unwrap_or_else(kvgear::rng::Rng::seed_from_time);
             let scfg = match (greedy, temp) {
                 (_, Some(t)) if t > 0.0 => SamplerConfig { temperature: t, top_k, top_p, seed },
                 _ => SamplerConfig::greedy(),
             };
-            let mut sampler = Sampler::new(scfg.clone())?;
             let text = if chat {
                 let mut msgs = Vec::new();
                 if let Some(s) = system {
@@ -197,60 +186,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("the prompt is empty after tokenization");
             }
             let n_ctx = ctx_of(&m, &model).max(tokens.len() + n_predict);
-            let dw = DeviceWeights::new(&backend, &model.weights)?;
-            let mut sess = Session::new(&backend, &model.config, &dw, n_ctx, m.batch)?;
-            let t0 = Instant::now();
-            let mut next = sampler.sample(sess.forward(&tokens, Logits::Last)?);
-            let t_prefill = t0.elapsed().as_secs_f64();
-            let mut out = std::io::stdout().lock();
-            let mut dec = kvgear::model::tokenizer::StreamDecoder::with_context(&model.tokenizer, &tokens)?;
-            let mut generated = Vec::new();
-            let t1 = Instant::now();
-            for i in 0..n_predict {
-                if model.tokenizer.is_eos(next) {
-                    break;
-                }
-                generated.push(next);
-                if !ids {
-                    let piece = dec.step(next)?;
-                    out.write_all(piece.as_bytes())?;
-                    out.flush()?;
-                }
-                if i + 1 == n_predict {
-                    break;
-                }
-                next = sampler.sample(sess.forward(&[next], Logits::Last)?);
-            }
-            if ids {
-                let s: Vec<String> = generated.iter().map(|t| t.to_string()).collect();
-                writeln!(out, "{}", s.join(" "))?;
-            } else {
-                out.write_all(dec.finish()?.as_bytes())?;
-                writeln!(out)?;
-            }
-            let t_decode = t1.elapsed().as_secs_f64();
-            eprintln!(
-                "[{} prompt tokens in {:.2}s ({:.1} tok/s); {} generated in {:.2}s ({:.1} tok/s); {}; seed {}]",
-                tokens.len(),
-                t_prefill,
-                tokens.len() as f64 / t_prefill,
-                generated.len(),
-                t_decode,
-                generated.len().saturating_sub(1) as f64 / t_decode.max(1e-9),
-                backend_describe(&backend),
-                scfg.seed
-            );
-            Ok(())
+            let job = GenerateJob { model: &model, tokens: &tokens, n_ctx, batch: m.batch, n_predict, scfg, ids };
+            with_backend(&m.device, job)
         }
         Cmd::Info { m, json } => {
-            let (model, _) = load(&m)?;
+            let model = load(&m)?;
             kvgear::bench::print_info(&model, json)
         }
         Cmd::Perplexity { m, file, chunks, json } => {
-            let (model, backend) = load(&m)?;
+            let model = load(&m)?;
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let ctx = m.ctx.unwrap_or(512);
-            let r = kvgear::bench::perplexity(&model, &backend, &text, ctx, m.batch, chunks)?;
+            let r = with_backend(&m.device, PerplexityJob { model: &model, text: &text, ctx, batch: m.batch, chunks })?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -278,7 +225,80 @@ fn run(cli: Cli) -> Result<ExitCode> {
     done.map(|()| ExitCode::SUCCESS)
 }
 
-fn backend_describe(b: &Cpu) -> String {
-    use kvgear::backend::Backend;
-    b.describe()
+struct PerplexityJob<'a> {
+    model: &'a Model,
+    text: &'a str,
+    ctx: usize,
+    batch: usize,
+    chunks: Option<usize>,
+}
+
+impl WithBackend for PerplexityJob<'_> {
+    type Output = kvgear::bench::PerplexityResult;
+    fn run<B: Backend>(self, backend: &B) -> Result<Self::Output> {
+        kvgear::bench::perplexity(self.model, backend, self.text, self.ctx, self.batch, self.chunks)
+    }
+}
+
+struct GenerateJob<'a> {
+    model: &'a Model,
+    tokens: &'a [u32],
+    n_ctx: usize,
+    batch: usize,
+    n_predict: usize,
+    scfg: SamplerConfig,
+    ids: bool,
+}
+
+impl WithBackend for GenerateJob<'_> {
+    type Output = ();
+    fn run<B: Backend>(self, backend: &B) -> Result<()> {
+        let GenerateJob { model, tokens, n_ctx, batch, n_predict, scfg, ids } = self;
+        let mut sampler = Sampler::new(scfg.clone())?;
+        kvgear::bench::check_fits(backend, model, &StrategySpec::fp16(), n_ctx, batch)?;
+        let dw = DeviceWeights::new(backend, &model.weights)?;
+        let mut sess = Session::new(backend, &model.config, &dw, n_ctx, batch)?;
+        let t0 = Instant::now();
+        let mut next = sampler.sample(sess.forward(tokens, Logits::Last)?);
+        let t_prefill = t0.elapsed().as_secs_f64();
+        let mut out = std::io::stdout().lock();
+        let mut dec = kvgear::model::tokenizer::StreamDecoder::with_context(&model.tokenizer, tokens)?;
+        let mut generated = Vec::new();
+        let t1 = Instant::now();
+        for i in 0..n_predict {
+            if model.tokenizer.is_eos(next) {
+                break;
+            }
+            generated.push(next);
+            if !ids {
+                let piece = dec.step(next)?;
+                out.write_all(piece.as_bytes())?;
+                out.flush()?;
+            }
+            if i + 1 == n_predict {
+                break;
+            }
+            next = sampler.sample(sess.forward(&[next], Logits::Last)?);
+        }
+        if ids {
+            let s: Vec<String> = generated.iter().map(|t| t.to_string()).collect();
+            writeln!(out, "{}", s.join(" "))?;
+        } else {
+            out.write_all(dec.finish()?.as_bytes())?;
+            writeln!(out)?;
+        }
+        let t_decode = t1.elapsed().as_secs_f64();
+        eprintln!(
+            "[{} prompt tokens in {:.2}s ({:.1} tok/s); {} generated in {:.2}s ({:.1} tok/s); {}; seed {}]",
+            tokens.len(),
+            t_prefill,
+            tokens.len() as f64 / t_prefill,
+            generated.len(),
+            t_decode,
+            generated.len().saturating_sub(1) as f64 / t_decode.max(1e-9),
+            backend.describe(),
+            scfg.seed
+        );
+        Ok(())
+    }
 }

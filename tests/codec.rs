@@ -81,7 +81,8 @@ fn codecs() -> Vec<(&'static str, CodecParams)> {
     ]
 }
 
-/// Appends a prompt of `n_prompt` tokens and `n_decode` single tokens; returns the (f16-rounded)
+/// Appends a prompt of `n_prompt` tokens and `n_decode` single tokens, each step ending with
+/// `compress_due` as a strategy layer ends it; returns the (f16-rounded)
 /// K and V of head-major `[heads][tokens][d]`.
 fn fill(c: &mut dyn Codec, rng: &mut Rng, heads: usize, d: usize, n_prompt: usize, n_decode: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
     let mut kk = vec![Vec::new(); heads];
@@ -90,6 +91,7 @@ fn fill(c: &mut dyn Codec, rng: &mut Rng, heads: usize, d: usize, n_prompt: usiz
         let k = keys(rng, n, heads, d);
         let v = normal(rng, n * heads * d);
         c.append(&k, &v, n).unwrap();
+        c.compress_due(n > 1).unwrap();
         for t in 0..n {
             for h in 0..heads {
                 let s = (t * heads + h) * d;
@@ -239,7 +241,7 @@ fn bytes_equal_their_formulas() {
             let cfg = GearConfig::from_params(&p).unwrap();
             let mut c = make_codec("gear", &p, heads, d, seed).unwrap();
             fill(c.as_mut(), &mut rng, heads, d, n_prompt, n_decode);
-            assert_eq!(c.bytes(), cfg.formula_bytes(heads, d, n_prompt, n_decode), "gear {backbone} {what}");
+            assert_eq!(c.bytes(), cfg.formula_bytes(heads, d, n_prompt, n_decode, 0), "gear {backbone} {what}");
         }
     }
 }

@@ -149,16 +149,85 @@ fn memory_formulas_equal_the_bytes_held() {
     ] {
         let kv: Vec<String> = if kv.is_empty() { vec![] } else { vec![kv.to_string()] };
         let spec = StrategySpec::parse(name, &kv, 1).unwrap();
-        assert!(kvgear::kv::strategy::formula_is_exact(&spec));
-        // The whole prompt in one batch: GEAR compresses a prompt at once.
-        let mut s = Session::with_strategy(&b, c, &dw, 256, prompt.len(), &spec).unwrap();
-        s.forward(&prompt, Logits::Last).unwrap();
-        for n_decode in 0..70u32 {
-            let layer = kvgear::kv::strategy::formula_bytes(&spec, c.n_kv_heads, c.head_dim, prompt.len(), n_decode as usize).unwrap();
-            assert_eq!(s.kv_bytes().total(), layer.total() * c.n_layers, "{name} {kv:?} after {n_decode} decoded tokens");
-            s.forward(&[n_decode % 500], Logits::Last).unwrap();
+        // The whole prompt in one batch, and in batches of 32 and 48 (blocks then follow the
+        // batches: a block is made at the end of a step).
+        for n_batch in [prompt.len(), 32, 48] {
+            let mut s = Session::with_strategy(&b, c, &dw, 256, n_batch, &spec).unwrap();
+            s.forward(&prompt, Logits::Last).unwrap();
+            for n_decode in 0..70u32 {
+                assert!(kvgear::kv::strategy::formula_is_exact(&spec, prompt.len(), n_decode as usize, n_batch));
+                let layer = kvgear::kv::strategy::formula_bytes(&spec, c.n_kv_heads, c.head_dim, prompt.len(), n_decode as usize, n_batch).unwrap();
+                assert_eq!(s.kv_bytes().total(), layer.total() * c.n_layers, "{name} {kv:?} batch {n_batch}, after {n_decode} decoded tokens");
+                s.forward(&[n_decode % 500], Logits::Last).unwrap();
+            }
         }
     }
+}
+
+#[test]
+fn eviction_over_compressed_storage_equals_its_formula_after_a_one_batch_prompt() {
+    let m = tiny("evict_compressed_formula");
+    let c = &m.config;
+    let b = Cpu::fast();
+    let dw = DeviceWeights::new(&b, &m.weights).unwrap();
+    let prompt: Vec<u32> = (0..150).map(|i| (i * 31 % 500) as u32).collect();
+    for (name, kv) in [("gear-h2o", "budget=0.3"), ("gear-sieve", "budget=70"), ("group-h2o", "budget=0.5"), ("gear-h2o", "budget=0.2,backbone=uniform")] {
+        let spec = StrategySpec::parse(name, &[kv.to_string()], 2).unwrap();
+        assert!(kvgear::kv::strategy::formula_is_exact(&spec, prompt.len(), 0, prompt.len()));
+        assert!(!kvgear::kv::strategy::formula_is_exact(&spec, prompt.len(), 1, prompt.len()));
+        assert!(!kvgear::kv::strategy::formula_is_exact(&spec, prompt.len(), 0, 64));
+        let mut s = Session::with_strategy(&b, c, &dw, 256, prompt.len(), &spec).unwrap();
+        s.forward(&prompt, Logits::Last).unwrap();
+        let layer = kvgear::kv::strategy::formula_bytes(&spec, c.n_kv_heads, c.head_dim, prompt.len(), 0, prompt.len()).unwrap();
+        assert_eq!(s.kv_bytes(), scaled(&layer, c.n_layers), "{name} {kv}");
+        // Decoding evicts rows from compressed blocks and from the f16 buffer, as the policy
+        // chooses: the formula is then an estimate (it assumes H2O-like eviction of old rows;
+        // SIEVE also evicts unvisited new tokens).
+        for i in 0..40u32 {
+            s.forward(&[(i * 7 + 1) % 500], Logits::Last).unwrap();
+        }
+        let est = kvgear::kv::strategy::formula_bytes(&spec, c.n_kv_heads, c.head_dim, prompt.len(), 40, prompt.len()).unwrap().total() * c.n_layers;
+        let held = s.kv_bytes().total();
+        let rel = (held as f64 - est as f64).abs() / held as f64;
+        eprintln!("{name} {kv}: {held} bytes held after 40 decoded tokens, the estimate says {est}");
+        assert!(rel < 0.25, "{name} {kv}: {held} bytes held, the estimate says {est}");
+    }
+}
+
+fn scaled(b: &kvgear::kv::codec::KvBytes, n: usize) -> kvgear::kv::codec::KvBytes {
+    kvgear::kv::codec::KvBytes {
+        codes: b.codes * n,
+        scales: b.scales * n,
+        lowrank: b.lowrank * n,
+        outliers: b.outliers * n,
+        fp16: b.fp16 * n,
+        policy: b.policy * n,
+    }
+}
+
+#[test]
+fn a_step_attends_to_its_own_tokens_exactly() {
+    // The prompt's own attention is exact whatever the codec: a 2-bit GEAR cache and a cache
+    // that keeps everything in f16 (h2o with a budget above the prompt) give the same logits
+    // for a prompt run as one batch, and differ once decoding reads compressed blocks.
+    let m = tiny("own_tokens_exact");
+    let c = &m.config;
+    let b = Cpu::fast();
+    let dw = DeviceWeights::new(&b, &m.weights).unwrap();
+    let prompt: Vec<u32> = (0..130).map(|i| (i * 13 % 500) as u32).collect();
+    let gear = StrategySpec::parse("gear", &["bits=2,buffer=32".to_string()], 4).unwrap();
+    let full = StrategySpec::parse("h2o", &["budget=1000".to_string()], 4).unwrap();
+    let mut sg = Session::with_strategy(&b, c, &dw, 256, prompt.len(), &gear).unwrap();
+    let mut sf = Session::with_strategy(&b, c, &dw, 256, prompt.len(), &full).unwrap();
+    let lg = sg.forward(&prompt, Logits::From(0)).unwrap().to_vec();
+    let lf = sf.forward(&prompt, Logits::From(0)).unwrap().to_vec();
+    let max_diff = lg.iter().zip(&lf).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_diff < 1e-3, "prompt logits differ by {max_diff}");
+    assert!(sg.kv_bytes().total() < sf.kv_bytes().total() / 3, "the prompt was not compressed");
+    let lg = sg.forward(&[7], Logits::Last).unwrap().to_vec();
+    let lf = sf.forward(&[7], Logits::Last).unwrap().to_vec();
+    let max_diff = lg.iter().zip(&lf).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_diff > 1e-3, "decoding over 2-bit codes left the logits unchanged ({max_diff})");
 }
 
 #[test]

@@ -11,6 +11,7 @@ pub mod cuda;
 use anyhow::Result;
 
 use crate::backend::cpu::reference::RopeParams;
+use crate::bench::memory::MemoryPlan;
 use crate::kv::codec::KvBytes;
 use crate::kv::strategy::StrategySpec;
 use crate::model::weights::Tensor;
@@ -78,4 +79,87 @@ pub trait Backend {
     fn kv_len(&self, layer: &Self::KvLayer) -> usize;
     /// Drops the cached tokens from position `n_tokens` on (a strategy layer only resets to 0).
     fn kv_truncate(&self, layer: &mut Self::KvLayer, n_tokens: usize) -> Result<()>;
+
+    /// Checks, before anything is allocated, that a run needing `plan` fits in the backend's
+    /// memory; an error says what does not fit. Host memory is not checked (the default).
+    fn check_memory(&self, plan: &MemoryPlan) -> Result<()> {
+        let _ = plan;
+        Ok(())
+    }
+    /// Device memory in use by this run at its peak (the driver's figure above what was in use
+    /// when the backend started); `None` on the CPU.
+    fn device_memory_peak(&self) -> Option<usize> {
+        None
+    }
+    /// Device-to-device copy bandwidth measured now (bytes read + written per second / 1e9);
+    /// `None` on the CPU.
+    fn copy_bandwidth_gb_s(&self) -> Result<Option<f64>> {
+        Ok(None)
+    }
+}
+
+/// What `--device` names: the fast CPU backend, the CPU reference, or a CUDA device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA device 0 when this binary has kernels and a device answers, else `Cpu`.
+    Auto,
+    Cpu,
+    CpuRef,
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    /// Parses `auto`, `cpu`, `cpu-ref`, `cuda` or `cuda:N`.
+    pub fn parse(name: &str) -> Result<DeviceChoice> {
+        Ok(match name {
+            "auto" => DeviceChoice::Auto,
+            "cpu" => DeviceChoice::Cpu,
+            "cpu-ref" => DeviceChoice::CpuRef,
+            "cuda" => DeviceChoice::Cuda(0),
+            d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => DeviceChoice::Cuda(n),
+                _ => anyhow::bail!("unknown device '{d}' (auto, cpu, cpu-ref, cuda, cuda:N)"),
+            },
+        })
+    }
+}
+
+/// A computation to run on whichever backend `--device` picks (a generic closure, which Rust
+/// closures cannot be).
+pub trait WithBackend {
+    type Output;
+    fn run<B: Backend>(self, backend: &B) -> Result<Self::Output>;
+}
+
+/// Opens the backend `device` names and runs `job` on it.
+pub fn with_backend<W: WithBackend>(device: &str, job: W) -> Result<W::Output> {
+    match DeviceChoice::parse(device)? {
+        DeviceChoice::Auto => match cuda::Cuda::new(0) {
+            Ok(b) => job.run(&b),
+            Err(e) if e.downcast_ref::<cuda::Unavailable>().is_some() => job.run(&cpu::Cpu::fast()),
+            Err(e) => Err(e.context("--device auto: a CUDA device is present but could not be opened (use --device cpu)")),
+        },
+        DeviceChoice::Cpu => job.run(&cpu::Cpu::fast()),
+        DeviceChoice::CpuRef => job.run(&cpu::Cpu::reference()),
+        DeviceChoice::Cuda(n) => {
+            let b = cuda::Cuda::new(n).map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e:#}"))?;
+            job.run(&b)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceChoice;
+
+    #[test]
+    fn device_names_parse() {
+        assert_eq!(DeviceChoice::parse("auto").unwrap(), DeviceChoice::Auto);
+        assert_eq!(DeviceChoice::parse("cpu-ref").unwrap(), DeviceChoice::CpuRef);
+        assert_eq!(DeviceChoice::parse("cuda").unwrap(), DeviceChoice::Cuda(0));
+        assert_eq!(DeviceChoice::parse("cuda:3").unwrap(), DeviceChoice::Cuda(3));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1"] {
+            assert!(DeviceChoice::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -28,6 +28,11 @@ pub struct MemoryArgs {
     /// Sequences in the batch, each with its own cache.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Prompt tokens per forward batch, as the other commands' `--batch` (0: the whole prompt
+    /// in one batch). A compressed or evicting cache treats each batch as a step (see
+    /// `kv::strategy`), which sets its block layout and its transient f16 bytes.
+    #[arg(long, default_value_t = 64)]
+    pub prefill_batch: usize,
     #[arg(long, default_value = "fp16")]
     pub strategy: String,
     #[arg(long = "kv")]
@@ -49,11 +54,15 @@ pub struct MemoryReport {
     pub ctx: usize,
     pub decode: usize,
     pub batch: usize,
+    pub prefill_batch: usize,
     pub weight_bytes: u64,
     pub kv: KvBytes,
     pub kv_bytes: u64,
     pub kv_bytes_fp16: u64,
     pub kv_exact: bool,
+    /// KV bytes at the worst moment: the end state plus one layer's step held in f16 before
+    /// its eviction and compression (a bound).
+    pub kv_peak_bytes: u64,
     pub scratch_bytes: u64,
     pub total_bytes: u64,
     pub budget_bytes: Option<u64>,
@@ -84,8 +93,8 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
 }
 
 /// KV bytes of the whole model (all layers, all sequences).
-fn kv_total(spec: &StrategySpec, cfg: &Config, ctx: usize, decode: usize, batch: usize) -> Result<KvBytes> {
-    let layer = formula_bytes(spec, cfg.n_kv_heads, cfg.head_dim, ctx, decode)?;
+fn kv_total(spec: &StrategySpec, cfg: &Config, ctx: usize, decode: usize, batch: usize, prefill_batch: usize) -> Result<KvBytes> {
+    let layer = formula_bytes(spec, cfg.n_kv_heads, cfg.head_dim, ctx, decode, prefill_batch)?;
     let n = (cfg.n_layers * batch) as u64;
     let m = |x: usize| (x as u64 * n) as usize;
     Ok(KvBytes {
@@ -95,6 +104,52 @@ fn kv_total(spec: &StrategySpec, cfg: &Config, ctx: usize, decode: usize, batch:
         outliers: m(layer.outliers),
         fp16: m(layer.fp16),
         policy: m(layer.policy),
+    })
+}
+
+/// The memory a run takes on its backend, by part, computed before anything is allocated
+/// (`Backend::check_memory` compares it with what the device has free).
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct MemoryPlan {
+    /// Weight matrices as stored (device padding included) plus f32 vectors.
+    pub weight_bytes: u64,
+    /// What the caches hold at the end of the context, by component (formulas).
+    pub kv: KvBytes,
+    /// What the caches reserve up front (the device allocates whole capacities).
+    pub kv_reserved_bytes: u64,
+    /// Activation buffers, attention partials and scores, eviction scratch.
+    pub scratch_bytes: u64,
+}
+
+impl MemoryPlan {
+    pub fn total(&self) -> u64 {
+        self.weight_bytes + self.kv_reserved_bytes + self.scratch_bytes
+    }
+}
+
+/// Streaming multiprocessors assumed when sizing the decode attention's split partials (more
+/// than any current GPU has).
+const MAX_MULTIPROCESSORS: u64 = 256;
+
+/// The device memory plan of a session of `n_ctx` tokens in batches of `n_batch` under `spec`:
+/// weights as uploaded (each matrix once, padded), every layer's reserved cache, activations,
+/// attention scratch (partials; scores when the policy wants mass) and eviction scratch.
+pub fn device_plan(cfg: &Config, w: &crate::model::weights::Weights, spec: &StrategySpec, n_ctx: usize, n_batch: usize) -> Result<MemoryPlan> {
+    use crate::backend::cuda::{backend::layer_reserved_bytes, DeviceWeight};
+    let mats: u64 = w.matrices().iter().map(|t| DeviceWeight::padded_bytes(t.n_bytes()) as u64).sum();
+    let vectors = (w.bytes() - w.matrices().iter().map(|t| t.n_bytes()).sum::<usize>()) as u64;
+    let layer = layer_reserved_bytes(spec, cfg.n_kv_heads, cfg.head_dim, n_ctx)? as u64;
+    let nb = n_batch.min(n_ctx).max(1) as u64;
+    let rows = nb * cfg.n_heads as u64;
+    let hd = cfg.head_dim as u64;
+    let wants_mass = spec.policy == "h2o" || spec.policy == "sieve";
+    let attention = 4 * (rows * (4 + hd) + MAX_MULTIPROCESSORS * 4 * (2 + hd) + if wants_mass { rows * n_ctx as u64 } else { 0 });
+    let eviction = if spec.policy == "keep_all" { 0 } else { (cfg.n_kv_heads * n_ctx * cfg.head_dim * 2) as u64 };
+    Ok(MemoryPlan {
+        weight_bytes: mats + vectors,
+        kv: kv_total(spec, cfg, n_ctx, 0, 1, nb as usize)?,
+        kv_reserved_bytes: layer * cfg.n_layers as u64,
+        scratch_bytes: scratch_bytes(cfg, nb as usize, 1) + attention + eviction,
     })
 }
 
@@ -121,14 +176,24 @@ pub fn report(a: &MemoryArgs) -> Result<MemoryReport> {
         let label = if out == ty || tied { ty.name().to_string() } else { format!("{ty} (output {out})") };
         (cfg.clone(), crate::synth::tensor_bytes(&cfg, ty, out, tied)?, label)
     };
-    let kv = kv_total(&spec, &cfg, a.ctx, a.decode, a.batch)?;
+    let step = |ctx: usize| if a.prefill_batch == 0 { ctx } else { a.prefill_batch.min(ctx) };
+    // One layer's step in f16 before its eviction and compression (nothing for the plain cache).
+    let transient = |ctx: usize, batch: usize| -> u64 {
+        if spec.is_plain() {
+            0
+        } else {
+            (cfg.kv_bytes_per_token_fp16() / cfg.n_layers * step(ctx) * batch) as u64
+        }
+    };
+    let kv = kv_total(&spec, &cfg, a.ctx, a.decode, a.batch, a.prefill_batch)?;
+    let kv_peak = kv.total() as u64 + transient(a.ctx, a.batch);
     let kv_fp16 = (cfg.kv_bytes_per_token_fp16() * (a.ctx + a.decode) * a.batch) as u64;
-    let scratch = scratch_bytes(&cfg, 64.min(a.ctx), a.batch);
-    let total = weight_bytes + kv.total() as u64 + scratch;
+    let scratch = scratch_bytes(&cfg, step(a.ctx), a.batch);
+    let total = weight_bytes + kv_peak + scratch;
     let budget = a.budget.as_deref().map(parse_bytes).transpose()?;
     let fits = |ctx: usize, batch: usize| -> Result<bool> {
-        let kv = kv_total(&spec, &cfg, ctx, a.decode, batch)?.total() as u64;
-        Ok(weight_bytes + kv + scratch_bytes(&cfg, 64.min(ctx), batch) <= budget.unwrap_or(0))
+        let kv = kv_total(&spec, &cfg, ctx, a.decode, batch, a.prefill_batch)?.total() as u64 + transient(ctx, batch);
+        Ok(weight_bytes + kv + scratch_bytes(&cfg, step(ctx), batch) <= budget.unwrap_or(0))
     };
     let (max_ctx, max_batch) = match budget {
         None => (None, None),
@@ -163,11 +228,13 @@ pub fn report(a: &MemoryArgs) -> Result<MemoryReport> {
         ctx: a.ctx,
         decode: a.decode,
         batch: a.batch,
+        prefill_batch: step(a.ctx),
         weight_bytes,
         kv_bytes: kv.total() as u64,
         kv,
         kv_bytes_fp16: kv_fp16,
-        kv_exact: formula_is_exact(&spec),
+        kv_exact: formula_is_exact(&spec, a.ctx, a.decode, a.prefill_batch),
+        kv_peak_bytes: kv_peak,
         scratch_bytes: scratch,
         total_bytes: total,
         budget_bytes: budget,
@@ -204,7 +271,8 @@ pub fn run(a: &MemoryArgs) -> Result<()> {
         mib(r.kv.fp16),
         mib(r.kv.policy)
     );
-    println!("scratch    {:.3} GiB (one 64-token batch of activations)", gib(r.scratch_bytes));
+    println!("KV peak    {:.3} GiB (with one layer's step in f16 before compression and eviction)", gib(r.kv_peak_bytes));
+    println!("scratch    {:.3} GiB (one {}-token batch of activations)", gib(r.scratch_bytes), r.prefill_batch);
     println!("total      {:.3} GiB", gib(r.total_bytes));
     if let (Some(b), Some(c), Some(n)) = (r.budget_bytes, r.max_ctx, r.max_batch) {
         println!("in {:.2} GiB: longest context {c} at batch {}; largest batch {n} at context {}", gib(b), r.batch, r.ctx);

@@ -9,8 +9,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::backend::cpu::Cpu;
-use crate::backend::Backend;
+use crate::backend::{with_backend, Backend, WithBackend};
+use crate::kv::strategy::StrategySpec;
 use crate::model::llama::{DeviceWeights, Logits, Session};
 use crate::model::Model;
 use crate::sample::{greedy, log_prob, log_softmax};
@@ -30,7 +30,7 @@ pub struct BenchArgs {
     pub kv: Vec<String>,
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
-    /// `cpu` (fast), `cpu-ref` or `auto`.
+    /// `auto` (CUDA when there is a device, else CPU), `cpu` (fast), `cpu-ref`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
     #[arg(long, short = 't')]
@@ -91,6 +91,14 @@ pub struct BenchRow {
     pub kv_bytes_fp16: usize,
     pub compression: f64,
     pub peak_rss_bytes: u64,
+    /// Device memory in use at the peak of the run (0 on the CPU).
+    pub peak_device_bytes: u64,
+    /// Device-to-device copy bandwidth measured in the same run, GB/s (0 on the CPU).
+    pub copy_gb_s: f64,
+    /// The decode bandwidth floor: copy bandwidth over the bytes a decode step must read
+    /// (weight matrices but the embedding table, plus the KV cache held at the end), tokens/s
+    /// (0 on the CPU).
+    pub floor_decode_tok_s: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -113,25 +121,55 @@ pub fn workload_tokens(model: &Model, n: usize) -> Result<Vec<u32>> {
     Ok(t)
 }
 
+/// Checks that a session of `n_ctx` tokens in batches of `n_batch` under `spec` fits in the
+/// backend's memory before anything is allocated.
+pub fn check_fits<B: Backend>(b: &B, model: &Model, spec: &StrategySpec, n_ctx: usize, n_batch: usize) -> Result<()> {
+    b.check_memory(&memory::device_plan(&model.config, &model.weights, spec, n_ctx, n_batch)?)
+}
+
 pub fn run(a: &BenchArgs) -> Result<()> {
-    let spec = crate::kv::strategy::StrategySpec::parse(&a.strategy, &a.kv, a.seed)?;
+    let spec = StrategySpec::parse(&a.strategy, &a.kv, a.seed)?;
     if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 {
         bail!("--prompt-tokens, --gen-tokens and --reps must be positive");
     }
     if let Some(n) = a.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
     }
-    let backend = match a.device.as_str() {
-        "auto" | "cpu" => Cpu::fast(),
-        "cpu-ref" => Cpu::reference(),
-        d => bail!("device '{d}' cannot run bench yet (cpu, cpu-ref)"),
-    };
     let path = crate::fetch::resolve_model(a.model.as_deref())?;
     let model = Model::load(&path)?;
-    let tokens = workload_tokens(&model, a.prompt_tokens)?;
-    let dw = DeviceWeights::new(&backend, &model.weights)?;
+    let row = with_backend(&a.device, BenchJob { a, spec: &spec, model: &model, path: &path })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&row)?);
+    } else {
+        print_bench_table(&row);
+    }
+    if !a.no_csv {
+        csvlog::append(&a.csv, &row)?;
+        eprintln!("appended to {}", a.csv.display());
+    }
+    Ok(())
+}
+
+struct BenchJob<'a> {
+    a: &'a BenchArgs,
+    spec: &'a StrategySpec,
+    model: &'a Model,
+    path: &'a Path,
+}
+
+impl WithBackend for BenchJob<'_> {
+    type Output = BenchRow;
+    fn run<B: Backend>(self, backend: &B) -> Result<BenchRow> {
+        bench_on(backend, self.a, self.spec, self.model, self.path)
+    }
+}
+
+fn bench_on<B: Backend>(backend: &B, a: &BenchArgs, spec: &StrategySpec, model: &Model, path: &Path) -> Result<BenchRow> {
+    let tokens = workload_tokens(model, a.prompt_tokens)?;
     let n_ctx = a.prompt_tokens + a.gen_tokens;
-    let mut sess = Session::with_strategy(&backend, &model.config, &dw, n_ctx, a.batch, &spec)?;
+    check_fits(backend, model, spec, n_ctx, a.batch)?;
+    let dw = DeviceWeights::new(backend, &model.weights)?;
+    let mut sess = Session::with_strategy(backend, &model.config, &dw, n_ctx, a.batch, spec)?;
     let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
     let mut kv_bytes = crate::kv::codec::KvBytes::default();
     for _ in 0..a.reps {
@@ -150,8 +188,14 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         kv_bytes = sess.kv_bytes();
     }
     let fp16 = model.config.kv_bytes_per_token_fp16() * sess.n_past();
+    let peak_device_bytes = backend.device_memory_peak().unwrap_or(0) as u64;
+    drop(sess);
+    let copy_gb_s = backend.copy_bandwidth_gb_s()?.unwrap_or(0.0);
+    let w = &model.weights;
+    let step_bytes = w.matrices().iter().filter(|t| !t.same_data(&w.token_embd) || w.tied_output).map(|t| t.n_bytes()).sum::<usize>()
+        + kv_bytes.total();
     let (commit, dirty) = git_state();
-    let row = BenchRow {
+    Ok(BenchRow {
         timestamp: now_rfc3339(),
         commit,
         dirty,
@@ -159,7 +203,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         device: backend.describe(),
         threads: rayon::current_num_threads(),
         model: model.name.clone(),
-        model_sha256: model_hash(&path)?,
+        model_sha256: model_hash(path)?,
         synthetic: model.gguf.as_ref().and_then(|g| g.opt_bool("kvgear.synthetic").ok().flatten()).unwrap_or(false),
         strategy: a.strategy.clone(),
         params: spec.params_string(),
@@ -181,17 +225,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         kv_bytes_fp16: fp16,
         compression: fp16 as f64 / kv_bytes.total().max(1) as f64,
         peak_rss_bytes: peak_rss_bytes(),
-    };
-    if a.json {
-        println!("{}", serde_json::to_string(&row)?);
-    } else {
-        print_bench_table(&row);
-    }
-    if !a.no_csv {
-        csvlog::append(&a.csv, &row)?;
-        eprintln!("appended to {}", a.csv.display());
-    }
-    Ok(())
+        peak_device_bytes,
+        copy_gb_s,
+        floor_decode_tok_s: if copy_gb_s > 0.0 { copy_gb_s * 1e9 / step_bytes.max(1) as f64 } else { 0.0 },
+    })
 }
 
 fn print_bench_table(r: &BenchRow) {
@@ -218,6 +255,15 @@ fn print_bench_table(r: &BenchRow) {
         mib(r.kv_policy as f64)
     );
     println!("peak RSS   {:.1} MiB", mib(r.peak_rss_bytes as f64));
+    if r.copy_gb_s > 0.0 {
+        println!("device     peak {:.1} MiB in use; copy bandwidth {:.1} GB/s", mib(r.peak_device_bytes as f64), r.copy_gb_s);
+        println!(
+            "floor      decode {:.1} tok/s at that bandwidth: measured {:.1} tok/s is {:.2}x the floor's time",
+            r.floor_decode_tok_s,
+            r.decode_tok_s,
+            r.floor_decode_tok_s / r.decode_tok_s.max(1e-9)
+        );
+    }
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -252,6 +298,7 @@ pub fn perplexity<B: Backend>(
     if n_chunks == 0 {
         bail!("the text has {} tokens, fewer than one chunk of {ctx}", tokens.len());
     }
+    check_fits(backend, model, &StrategySpec::fp16(), ctx, batch)?;
     let dw = DeviceWeights::new(backend, &model.weights)?;
     let mut sess = Session::new(backend, &model.config, &dw, ctx, batch)?;
     let first = ctx / 2;
@@ -477,6 +524,9 @@ pub struct CompareArgs {
     pub gen: usize,
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
+    /// `auto` (CUDA when there is a device, else CPU), `cpu` (fast), `cpu-ref`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// CSV the row is appended to.
@@ -536,12 +586,37 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     if prefix == 0 || prefix >= tokens.len() {
         bail!("the text has {} tokens: the prefix ({prefix}) must leave at least one to score", tokens.len());
     }
-    let backend = Cpu::fast();
-    let dw = DeviceWeights::new(&backend, &model.weights)?;
+    let text_name = text_name.as_str();
+    with_backend(&a.device, CompareJob { a, spec: &spec, model: &model, path: &path, tokens: &tokens, prefix, text_name })
+}
+
+struct CompareJob<'a> {
+    a: &'a CompareArgs,
+    spec: &'a StrategySpec,
+    model: &'a Model,
+    path: &'a Path,
+    tokens: &'a [u32],
+    prefix: usize,
+    text_name: &'a str,
+}
+
+impl WithBackend for CompareJob<'_> {
+    type Output = ();
+    fn run<B: Backend>(self, backend: &B) -> Result<()> {
+        compare_on(backend, self)
+    }
+}
+
+fn compare_on<B: Backend>(backend: &B, job: CompareJob) -> Result<()> {
+    let CompareJob { a, spec, model, path, tokens, prefix, text_name } = job;
     let n_ctx = tokens.len().max(prefix + a.gen) + 1;
     let base_spec = crate::kv::strategy::StrategySpec::fp16();
-    let mut base = Session::with_strategy(&backend, &model.config, &dw, n_ctx, 64, &base_spec)?;
-    let mut strat = Session::with_strategy(&backend, &model.config, &dw, n_ctx, 64, &spec)?;
+    // The prefix is prefilled as one batch, as the GEAR and H2O reference code runs a prompt:
+    // its attention is exact, H2O ranks it whole, and GEAR compresses it as one block.
+    check_fits(backend, model, &base_spec, n_ctx, prefix)?;
+    let dw = DeviceWeights::new(backend, &model.weights)?;
+    let mut base = Session::with_strategy(backend, &model.config, &dw, n_ctx, prefix, &base_spec)?;
+    let mut strat = Session::with_strategy(backend, &model.config, &dw, n_ctx, prefix, spec)?;
     let (mut kl, mut agree, mut nll_b, mut nll_s, mut n) = (0.0f64, 0usize, 0.0f64, 0.0f64, 0usize);
     let mut step = |lb: &[f32], ls: &[f32], next: Option<u32>| {
         let (pb, ps) = (log_softmax(lb), log_softmax(ls));
@@ -584,8 +659,8 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         dirty,
         machine: machine_description(),
         model: model.name.clone(),
-        model_sha256: model_hash(&path)?,
-        text: text_name,
+        model_sha256: model_hash(path)?,
+        text: text_name.to_string(),
         strategy: spec.name.clone(),
         params: spec.params_string(),
         seed: a.seed,

@@ -9,9 +9,20 @@
 //!
 //! GEAR+H2O is H2O deciding which tokens survive and GEAR storing them: the policy returns the
 //! indices to evict after each step and the codec drops those tokens' codes, scales, low-rank rows
-//! and outliers (see `codec::gear`), leaving the survivors' decoded values unchanged.
+//! and outliers (see `codec::blocked`), leaving the survivors' decoded values unchanged.
+//!
+//! A step (one forward batch: a batch of prompt tokens, or one decoded token) runs: append the
+//! step's K and V, held in full precision; attention, where the step's queries see the cache and
+//! their own step's tokens exactly; then `finish_step`: the policy sees the step's attention
+//! mass and evicts, and the codec compresses what is due. A prompt run as one batch (`--batch`
+//! at least its length) is therefore handled as in the GEAR, KIVI and H2O reference code, which
+//! run the prompt in one pass: its attention is exact, H2O ranks its tokens by their mass over the
+//! whole prompt, and its survivors are compressed as one block, with at most one layer's prompt
+//! held in f16 at any time. A prompt run in smaller batches streams: each batch is attended
+//! exactly, then evicted from and compressed, so only one batch per layer is ever held in f16.
 
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 
 use crate::kv::codec::{make_codec, Backbone, Codec, CodecParams, KvBytes};
 use crate::kv::policy::{make_policy, Policy, PolicyParams};
@@ -120,6 +131,8 @@ pub struct StrategyLayer {
     pub prompt_len: usize,
     /// Tokens appended so far (the next token's position).
     pub n_seen: usize,
+    /// Per attention task (KV head x query chunk): scores, outputs, partial mass.
+    work: Vec<AttnWork>,
     capacity: usize,
     spec: StrategySpec,
     layer: usize,
@@ -136,6 +149,7 @@ impl StrategyLayer {
             mass: vec![Vec::new(); n_kv_heads],
             prompt_len: 0,
             n_seen: 0,
+            work: Vec::new(),
             capacity,
             spec: spec.clone(),
             layer,
@@ -163,18 +177,19 @@ impl StrategyLayer {
         Ok(())
     }
 
-    /// Tells the policy about the step just run (`n_new` tokens from position `pos0`) and
-    /// evicts what it says.
+    /// Tells the policy about the step just run (`n_new` tokens from position `pos0`), evicts
+    /// what it says and compresses what is due (a block made by a step of the prompt, or of
+    /// several tokens, is a prompt block for GEAR's rank).
     pub fn finish_step(&mut self, n_new: usize, pos0: usize) -> Result<()> {
         let mass = self.policy.wants_mass().then_some(&self.mass[..]);
         self.policy.observe(n_new, pos0, mass, self.prompt_len)?;
+        self.n_seen = pos0 + n_new;
         for (g, idx) in self.policy.evictions().into_iter().enumerate() {
             if !idx.is_empty() {
                 self.codec.evict(g, &idx)?;
             }
         }
-        self.n_seen = pos0 + n_new;
-        Ok(())
+        self.codec.compress_due(pos0 < self.prompt_len || n_new > 1)
     }
 
     /// Bytes held by component, the policy's state included.
@@ -188,53 +203,97 @@ impl StrategyLayer {
     /// `Codec::scores` and `Codec::weighted_values`; the softmax weights each token received are
     /// added to `self.mass` when the policy wants them. `q`, `out`: `[n_tokens, n_heads,
     /// head_dim]`; the last `n_tokens` tokens of every head are the queries' own.
-    pub fn attention(&mut self, q: &[f32], n_tokens: usize, n_heads: usize, out: &mut [f32], scores: &mut Vec<f32>) {
-        let hd = self.head_dim;
-        let group = n_heads / self.n_kv_heads;
+    ///
+    /// Work is split into tasks of one KV head (with the query heads that share it) and one
+    /// chunk of queries, run in parallel; each task keeps its own partial mass, summed in task
+    /// order afterwards, so the result does not depend on the number of threads.
+    pub fn attention(&mut self, q: &[f32], n_tokens: usize, n_heads: usize, out: &mut [f32]) {
+        let (hd, n_kv) = (self.head_dim, self.n_kv_heads);
+        let group = n_heads / n_kv;
         let scale = 1.0 / (hd as f32).sqrt();
         let want = self.policy.wants_mass();
-        for t in 0..n_tokens {
-            for h in 0..n_heads {
-                let g = h / group;
-                let n_vis = self.codec.len(g) + t + 1 - n_tokens;
-                scores.clear();
-                scores.resize(n_vis, 0.0);
-                let qh = &q[(t * n_heads + h) * hd..][..hd];
-                self.codec.scores(g, qh, scores);
-                let mut max = f32::NEG_INFINITY;
-                for s in scores.iter_mut() {
-                    *s *= scale;
-                    max = max.max(*s);
-                }
-                let mut total = 0.0f64;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    total += *s as f64;
-                }
-                let inv = (1.0 / total) as f32;
-                for s in scores.iter_mut() {
-                    *s *= inv;
-                }
-                let oh = &mut out[(t * n_heads + h) * hd..][..hd];
-                oh.fill(0.0);
-                self.codec.weighted_values(g, scores, oh);
-                if want {
-                    for (m, &p) in self.mass[g].iter_mut().zip(scores.iter()) {
-                        *m += p;
+        let n_chunks = n_tokens.div_ceil(QUERY_CHUNK);
+        self.work.resize_with(n_kv * n_chunks, AttnWork::default);
+        let codec = &*self.codec;
+        self.work[..n_kv * n_chunks].par_iter_mut().enumerate().for_each(|(task, w)| {
+            let (g, c) = (task / n_chunks, task % n_chunks);
+            let t0 = c * QUERY_CHUNK;
+            let t1 = (t0 + QUERY_CHUNK).min(n_tokens);
+            let n_len = codec.len(g);
+            w.out.clear();
+            w.out.resize((t1 - t0) * group * hd, 0.0);
+            w.mass.clear();
+            if want {
+                w.mass.resize(n_len, 0.0);
+            }
+            for t in t0..t1 {
+                let n_vis = n_len + t + 1 - n_tokens;
+                for hh in 0..group {
+                    let h = g * group + hh;
+                    let p = &mut w.scores;
+                    p.clear();
+                    p.resize(n_vis, 0.0);
+                    codec.scores(g, &q[(t * n_heads + h) * hd..][..hd], p);
+                    let mut max = f32::NEG_INFINITY;
+                    for s in p.iter_mut() {
+                        *s *= scale;
+                        max = max.max(*s);
                     }
+                    let mut total = 0.0f64;
+                    for s in p.iter_mut() {
+                        *s = (*s - max).exp();
+                        total += *s as f64;
+                    }
+                    let inv = (1.0 / total) as f32;
+                    for s in p.iter_mut() {
+                        *s *= inv;
+                    }
+                    codec.weighted_values(g, p, &mut w.out[((t - t0) * group + hh) * hd..][..hd]);
+                    if want {
+                        for (m, &x) in w.mass.iter_mut().zip(p.iter()) {
+                            *m += x;
+                        }
+                    }
+                }
+            }
+        });
+        for (task, w) in self.work[..n_kv * n_chunks].iter().enumerate() {
+            let (g, c) = (task / n_chunks, task % n_chunks);
+            let t0 = c * QUERY_CHUNK;
+            for (i, rows) in w.out.chunks_exact(group * hd).enumerate() {
+                out[((t0 + i) * n_heads + g * group) * hd..][..group * hd].copy_from_slice(rows);
+            }
+            if want {
+                for (m, &x) in self.mass[g].iter_mut().zip(&w.mass) {
+                    *m += x;
                 }
             }
         }
     }
 }
 
-/// Bytes one layer's cache holds under `spec` after a prompt of `n_prompt` tokens and `n_decode`
-/// decoded ones, by the codecs' and policies' formulas, without running anything. Exact (equal
-/// to `bytes()`) for every codec without eviction and for the evicting policies over fp16
-/// storage. For eviction over a compressed codec (gear-h2o, gear-sieve, group-h2o) the survivors
-/// are counted as if they had been compressed as one fresh prompt: an estimate, since evicting
-/// rows from compressed blocks keeps each block's shared scales and factors.
-pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_prompt: usize, n_decode: usize) -> Result<KvBytes> {
+/// Queries per attention task: small enough to spread a prompt batch over the threads, large
+/// enough that a task outweighs its scheduling.
+const QUERY_CHUNK: usize = 16;
+
+/// One attention task's scratch, kept between steps so decoding allocates nothing.
+#[derive(Default)]
+struct AttnWork {
+    scores: Vec<f32>,
+    out: Vec<f32>,
+    mass: Vec<f32>,
+}
+
+/// Bytes one layer's cache holds under `spec` after a prompt of `n_prompt` tokens, run in
+/// forward batches of `n_batch` tokens (`0`: one batch), and `n_decode` decoded ones, by the
+/// codecs' and policies' formulas, without running anything. Exact (equal to `bytes()`, see
+/// [`formula_is_exact`]) for every codec without eviction, for the evicting policies over fp16
+/// storage, and for eviction over a compressed codec after a prompt run as one batch. When a
+/// compressed codec evicts after its blocks are made (decoding, or a prompt in several
+/// batches), the survivors are counted as if the prompt's had been compressed as one block and
+/// the decoded ones in blocks of their own: an estimate, since evicting rows from a compressed
+/// block keeps the block's shared scales and factors, and drops the outliers the rows had.
+pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_prompt: usize, n_decode: usize, n_batch: usize) -> Result<KvBytes> {
     use crate::kv::codec::{Fp16Codec, GearConfig, GroupConfig, UniformConfig};
     use crate::kv::policy::Budget;
     let n_total = n_prompt + n_decode;
@@ -245,14 +304,37 @@ pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_
         let sinks = spec.policy_params.sinks.unwrap_or(if spec.policy == "window" { 4 } else { 0 });
         Budget::from_f64(budget)?.resolve(n_prompt, sinks)?.min(n_total)
     };
-    let (p, d) = if held == n_total { (n_prompt, n_decode) } else { (held.min(n_prompt), held - held.min(n_prompt)) };
     let c = &spec.codec_params;
-    let mut b = match spec.codec.as_str() {
-        "fp16" => Fp16Codec::formula_bytes(n_kv_heads, head_dim, held),
-        "uniform" => UniformConfig::from_params(c)?.formula_bytes(n_kv_heads, head_dim, held),
-        "group" => GroupConfig::from_params(c)?.formula_bytes(n_kv_heads, head_dim, held),
-        "gear" => GearConfig::from_params(c)?.formula_bytes(n_kv_heads, head_dim, p, d),
-        other => bail!("unknown codec {other}"),
+    let mut b = if spec.policy == "keep_all" || spec.codec == "fp16" {
+        match spec.codec.as_str() {
+            "fp16" => Fp16Codec::formula_bytes(n_kv_heads, head_dim, held),
+            "uniform" => UniformConfig::from_params(c)?.formula_bytes(n_kv_heads, head_dim, held),
+            "group" => GroupConfig::from_params(c)?.formula_bytes(n_kv_heads, head_dim, held),
+            "gear" => GearConfig::from_params(c)?.formula_bytes(n_kv_heads, head_dim, n_prompt, n_decode, n_batch),
+            other => bail!("unknown codec {other}"),
+        }
+    } else {
+        let (nb, block): (usize, Box<dyn Fn(usize, bool) -> KvBytes>) = match spec.codec.as_str() {
+            "uniform" => {
+                let u = UniformConfig::from_params(c)?;
+                (u.buffer, Box::new(move |m, _| u.formula_bytes_split(1, head_dim, m, 0)))
+            }
+            "group" => {
+                let g = GroupConfig::from_params(c)?;
+                (g.residual, Box::new(move |m, _| g.block_bytes(head_dim, m)))
+            }
+            "gear" => {
+                let g = GearConfig::from_params(c)?;
+                (g.buffer, Box::new(move |m, prompt| g.block_bytes(head_dim, m, if prompt { g.rank } else { g.rank_decode })))
+            }
+            other => bail!("unknown codec {other}"),
+        };
+        let per_head = evicting_estimate(&*block, nb, head_dim, held.min(n_prompt), n_decode, held);
+        let mut all = KvBytes::default();
+        for _ in 0..n_kv_heads {
+            all.add(&per_head);
+        }
+        all
     };
     b.policy = match spec.policy.as_str() {
         "h2o" => n_kv_heads * held * 4,
@@ -262,7 +344,49 @@ pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_
     Ok(b)
 }
 
-/// Whether `formula_bytes` is exact for this strategy (see there).
-pub fn formula_is_exact(spec: &StrategySpec) -> bool {
-    spec.policy == "keep_all" || spec.codec == "fp16"
+/// One head's bytes when a policy evicts over compressed storage: the prompt's `n_survivors`
+/// compressed as one block (exact so far), then `n_decode` steps that each add a token to the
+/// f16 buffer (a block of `nb` made each time it fills) and evict down to `held`, one row a
+/// step, taken from the oldest block that has rows left (H2O and SIEVE protect the recent
+/// tokens), else from the buffer; a block keeps its shared parts until its last row goes.
+fn evicting_estimate(block: &dyn Fn(usize, bool) -> KvBytes, nb: usize, head_dim: usize, n_survivors: usize, n_decode: usize, held: usize) -> KvBytes {
+    let m0 = n_survivors / nb * nb;
+    let mut n_buf = n_survivors - m0;
+    // (rows made, rows left, prompt block)
+    let mut blocks: Vec<(usize, usize, bool)> = Vec::new();
+    if m0 > 0 {
+        blocks.push((m0, m0, true));
+    }
+    let mut n_held = n_survivors;
+    for _ in 0..n_decode {
+        n_buf += 1;
+        n_held += 1;
+        if n_held > held {
+            match blocks.iter_mut().find(|b| b.1 > 0) {
+                Some(b) => b.1 -= 1,
+                None => n_buf -= 1,
+            }
+            n_held -= 1;
+        }
+        if n_buf >= nb {
+            blocks.push((nb, nb, false));
+            n_buf -= nb;
+        }
+    }
+    let mut out = KvBytes::default();
+    for &(made, left, prompt) in blocks.iter().filter(|b| b.1 > 0) {
+        let whole = block(made, prompt);
+        let kept = block(left, prompt);
+        // Rows go; the block's shared parts (low-rank B, per-channel key scales) stay.
+        out.add(&KvBytes { scales: whole.scales.max(kept.scales), lowrank: kept.lowrank, ..kept });
+    }
+    out.fp16 += 2 * n_buf * head_dim * 2;
+    out
+}
+
+/// Whether `formula_bytes` is exact for this strategy and run: always without eviction or
+/// over fp16 storage; for eviction over a compressed codec, only while nothing has been evicted
+/// from a compressed block (a prompt run as one batch, nothing decoded yet).
+pub fn formula_is_exact(spec: &StrategySpec, n_prompt: usize, n_decode: usize, n_batch: usize) -> bool {
+    spec.policy == "keep_all" || spec.codec == "fp16" || (n_decode == 0 && (n_batch == 0 || n_batch >= n_prompt))
 }

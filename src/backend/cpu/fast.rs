@@ -125,6 +125,12 @@ fn quantize_q8(x: &[f32], out: &mut Q8Row) {
     out.d.resize(nb, 0.0);
     out.sum.resize(nb, 0);
     out.s.resize(nb, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if simd() != Simd::Scalar {
+        // SAFETY: the level was detected on this CPU.
+        unsafe { x86::quantize_q8(x, out) };
+        return;
+    }
     for b in 0..nb {
         let xb = &x[b * 32..(b + 1) * 32];
         let amax = xb.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
@@ -278,22 +284,104 @@ mod x86 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
+    /// `quantize_q8` with AVX2: the same `x * (127 / amax)` products, rounded half to even by
+    /// `cvtps2dq` under the default rounding mode, as llama.cpp's AVX2 `quantize_row_q8_1` does.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize_q8(x: &[f32], out: &mut Q8Row) {
+        let nb = x.len() / 32;
+        let sign = _mm256_set1_ps(-0.0);
+        for b in 0..nb {
+            let p = x.as_ptr().add(b * 32);
+            let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let mut m = _mm256_andnot_ps(sign, v[0]);
+            for vi in &v[1..] {
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vi));
+            }
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            let amax = _mm_cvtss_f32(m4);
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            let q = [0, 1, 2, 3].map(|i| _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id)));
+            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+            let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b10_11_00_01));
+            let s = _mm_cvtsi128_si32(s4);
+            // Pack i32 -> i16 -> i8 (values are within [-127, 127]) and undo the lane interleave.
+            let w01 = _mm256_packs_epi32(q[0], q[1]);
+            let w23 = _mm256_packs_epi32(q[2], q[3]);
+            let bytes = _mm256_packs_epi16(w01, w23);
+            let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(out.qs.as_mut_ptr().add(b * 32) as *mut __m256i, bytes);
+            *out.d.get_unchecked_mut(b) = half::f16::from_f32(d).to_f32();
+            *out.sum.get_unchecked_mut(b) = s;
+            *out.s.get_unchecked_mut(b) = half::f16::from_f32(d * s as f32).to_f32();
+        }
+    }
+
+    /// SwiGLU's gate with AVX-512 as ggml's `ggml_vec_swiglu_f32` computes it on this CPU: 16
+    /// lanes of `x / (1 + ggml_v_expf(-x)) * g` (the polynomial of `super::ggml_expf`, scaled by
+    /// `scalef`), the tail through the scalar twin.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+        let n = gate.len().min(up.len());
+        let c = |b: u32| _mm512_set1_ps(f32::from_bits(b));
+        let mut i = 0;
+        while i + 16 <= n {
+            let x = _mm512_loadu_ps(gate.as_ptr().add(i));
+            let nx = _mm512_sub_ps(_mm512_setzero_ps(), x);
+            let r = c(0x4b40_0000);
+            let z = _mm512_fmadd_ps(nx, c(0x3fb8_aa3b), r);
+            let nn = _mm512_sub_ps(z, r);
+            let b = _mm512_fnmadd_ps(nn, c(0x35bf_be8e), _mm512_fnmadd_ps(nn, c(0x3f31_7200), nx));
+            let big = _mm512_cmp_ps_mask(_mm512_abs_ps(nn), _mm512_set1_ps(192.0), _CMP_GT_OQ);
+            let u = _mm512_mul_ps(b, b);
+            let j = _mm512_fmadd_ps(
+                _mm512_fmadd_ps(_mm512_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)), u, _mm512_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb))),
+                u,
+                _mm512_fmadd_ps(c(0x3f7f_fff6), b, _mm512_set1_ps(1.0)),
+            );
+            let mut e = _mm512_scalef_ps(j, nn);
+            if big != 0 {
+                let le = _mm512_cmp_ps_mask(nn, _mm512_setzero_ps(), _CMP_LE_OQ);
+                let alt = _mm512_mask_blend_ps(le, _mm512_set1_ps(f32::INFINITY), _mm512_setzero_ps());
+                e = _mm512_mask_blend_ps(big, e, alt);
+            }
+            let y = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), e));
+            _mm512_storeu_ps(gate.as_mut_ptr().add(i), _mm512_mul_ps(y, _mm512_loadu_ps(up.as_ptr().add(i))));
+            i += 16;
+        }
+        super::silu_mul_scalar(&mut gate[i..n], &up[i..n]);
+    }
+
+    /// `super::rope_rows` compiled with FMA, so its `mul_add`s are instructions, not calls.
+    #[target_feature(enable = "fma")]
+    pub unsafe fn rope_rows(x: &mut [f32], pos0: usize, p: &super::RopeParams) {
+        super::rope_rows(x, pos0, p)
+    }
+
     macro_rules! dot_rows {
-        ($name:ident, $inner:ident, $feat:literal, $idot:ident) => {
-            /// Dot products of one weight row with up to 4 quantized activation rows; the block
+        ($name:ident, $name_n:ident, $inner:ident, $feat:literal, $idot:ident) => {
+            /// Dot products of one weight row with N quantized activation rows; the block
             /// layout is a compile-time choice so the inner loop has no branches.
             #[target_feature(enable = $feat)]
-            unsafe fn $inner<const INT8: bool, const MIN: bool, const FIVE: bool>(
+            unsafe fn $inner<const INT8: bool, const MIN: bool, const FIVE: bool, const N: usize>(
                 k: BlockKind,
                 row: &[u8],
                 xs: &[&Q8Row],
                 out: &mut [f32],
             ) {
-                let n = xs.len();
-                debug_assert!(n >= 1 && n <= 4 && out.len() >= n);
+                debug_assert!(xs.len() >= N && out.len() >= N);
                 let nb = row.len() / k.bytes;
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut tail = [0.0f32; 4];
+                // N is a constant so the token loops unroll and the accumulators stay in registers.
+                let mut acc = [_mm256_setzero_ps(); N];
+                let mut tail = [0.0f32; N];
+                let xq: [*const i8; N] = std::array::from_fn(|t| xs[t].qs.as_ptr());
+                let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
+                let xsm: [*const f32; N] = std::array::from_fn(|t| xs[t].s.as_ptr());
+                let xsum: [*const i32; N] = std::array::from_fn(|t| xs[t].sum.as_ptr());
                 let p = row.as_ptr();
                 let offset = k.offset;
                 for b in 0..nb {
@@ -302,49 +390,60 @@ mod x86 {
                     if INT8 {
                         let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
                         let aw = _mm256_sign_epi8(w, w);
-                        for t in 0..n {
-                            let x = _mm256_loadu_si256(xs[t].qs.as_ptr().add(b * 32) as *const __m256i);
+                        for t in 0..N {
+                            let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
                             let sx = _mm256_sign_epi8(x, w);
                             let s = _mm256_cvtepi32_ps($idot(aw, sx));
-                            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xs[t].d.get_unchecked(b)), s, acc[t]);
+                            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * *xd[t].add(b)), s, acc[t]);
                         }
                     } else {
                         let w = codes_u8(k, blk);
                         let m = if MIN { f16_at(blk.add(2)) } else { 0.0 };
-                        for t in 0..n {
-                            let x = _mm256_loadu_si256(xs[t].qs.as_ptr().add(b * 32) as *const __m256i);
+                        for t in 0..N {
+                            let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
                             let s = _mm256_cvtepi32_ps($idot(w, x));
-                            let dx = *xs[t].d.get_unchecked(b);
+                            let dx = *xd[t].add(b);
                             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), s, acc[t]);
                             if MIN {
                                 // llama.cpp's `summs += m * s`, which GCC contracts to an FMA.
-                                tail[t] = m.mul_add(*xs[t].s.get_unchecked(b), tail[t]);
+                                tail[t] = m.mul_add(*xsm[t].add(b), tail[t]);
                             } else {
-                                tail[t] -= d * dx * (offset * *xs[t].sum.get_unchecked(b)) as f32;
+                                tail[t] -= d * dx * (offset * *xsum[t].add(b)) as f32;
                             }
                         }
                     }
                 }
-                for t in 0..n {
+                for t in 0..N {
                     out[t] = hsum(acc[t]) + tail[t];
                 }
             }
 
             #[target_feature(enable = $feat)]
-            pub unsafe fn $name(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+            unsafe fn $name_n<const N: usize>(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
                 match (k.int8, k.has_min, k.five_bit) {
-                    (true, _, _) => $inner::<true, false, false>(k, row, xs, out),
-                    (false, false, false) => $inner::<false, false, false>(k, row, xs, out),
-                    (false, true, false) => $inner::<false, true, false>(k, row, xs, out),
-                    (false, false, true) => $inner::<false, false, true>(k, row, xs, out),
-                    (false, true, true) => $inner::<false, true, true>(k, row, xs, out),
+                    (true, _, _) => $inner::<true, false, false, N>(k, row, xs, out),
+                    (false, false, false) => $inner::<false, false, false, N>(k, row, xs, out),
+                    (false, true, false) => $inner::<false, true, false, N>(k, row, xs, out),
+                    (false, false, true) => $inner::<false, false, true, N>(k, row, xs, out),
+                    (false, true, true) => $inner::<false, true, true, N>(k, row, xs, out),
+                }
+            }
+
+            /// Dot products of one weight row with 1 to 4 quantized activation rows.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $name(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+                match xs.len() {
+                    1 => $name_n::<1>(k, row, xs, out),
+                    2 => $name_n::<2>(k, row, xs, out),
+                    3 => $name_n::<3>(k, row, xs, out),
+                    _ => $name_n::<4>(k, row, xs, out),
                 }
             }
         };
     }
 
-    dot_rows!(dot_rows_avx2, dot_rows_avx2_impl, "avx2,fma,f16c", idot_avx2);
-    dot_rows!(dot_rows_vnni, dot_rows_vnni_impl, "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw", idot_vnni);
+    dot_rows!(dot_rows_avx2, dot_rows_avx2_n, dot_rows_avx2_impl, "avx2,fma,f16c", idot_avx2);
+    dot_rows!(dot_rows_vnni, dot_rows_vnni_n, dot_rows_vnni_impl, "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw", idot_vnni);
 
     /// f32 dot product of two equal-length slices.
     #[target_feature(enable = "avx2,fma")]
@@ -601,9 +700,10 @@ fn scale_f16(y: &mut [f16], v: f32) {
     }
 }
 
-/// ggml's vectorised `expf` (`ggml_v_expf`): a degree-5 polynomial on the reduced argument with
+/// ggml's vectorised `expf` (`ggml_v_expf`, its AVX-512 form): a degree-5 polynomial on the reduced argument with
 /// fused multiply-adds, scaled by `2^n`; within a few ulps of `expf`, and what llama.cpp's SiLU uses
 /// on x86, so SwiGLU here rounds as it does there.
+#[inline(always)]
 pub fn ggml_expf(x: f32) -> f32 {
     let c = f32::from_bits;
     let r = c(0x4b40_0000);
@@ -625,6 +725,17 @@ pub fn ggml_expf(x: f32) -> f32 {
 
 /// SwiGLU's gate in place as ggml computes it: `gate = gate / (1 + ggml_expf(-gate)) * up`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() == Simd::Avx512Vnni {
+        // SAFETY: AVX-512 VNNI implies AVX-512F; FMA was detected with it.
+        unsafe { x86::silu_mul(gate, up) };
+        return;
+    }
+    silu_mul_scalar(gate, up);
+}
+
+#[inline(always)]
+fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = (*g / (1.0 + ggml_expf(0.0 - *g))) * u;
     }
@@ -648,6 +759,17 @@ pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// pair's angle is the previous one times `freq_base^(-2/n_rot)` (in f32), then divided by the
 /// pair's frequency factor; sines, cosines and the rotation in f32.
 pub fn rope(x: &mut [f32], pos0: usize, p: &RopeParams) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() != Simd::Scalar {
+        // SAFETY: FMA was detected with the level.
+        unsafe { x86::rope_rows(x, pos0, p) };
+        return;
+    }
+    rope_rows(x, pos0, p)
+}
+
+#[inline(always)]
+fn rope_rows(x: &mut [f32], pos0: usize, p: &RopeParams) {
     let row = p.n_heads * p.head_dim;
     let half = p.n_rot / 2;
     let theta_scale = p.freq_base.powf(-2.0f32 / p.n_rot as f32);
@@ -748,6 +870,65 @@ pub fn attention(
             let g = (i % n_heads) / group;
             for (j, &p) in s.iter().enumerate() {
                 m[g * n_ctx + j] += p;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// Inputs with every magnitude the SIMD paths treat differently: zeros, tiny, large enough
+    /// to overflow `expf`, and ordinary values.
+    fn inputs(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| match i % 7 {
+                0 => 0.0,
+                1 => rng.normal() * 1e-30,
+                2 => rng.normal() * 200.0,
+                _ => rng.normal() * 4.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn simd_activation_quantization_equals_the_scalar_one_bit_for_bit() {
+        let seed = Rng::seed_from_time();
+        let mut rng = Rng::new(seed);
+        for n_blocks in [1, 3, 18] {
+            let mut x = inputs(&mut rng, 32 * n_blocks);
+            x[..32].fill(0.0);
+            let mut want = Q8Row::default();
+            set_simd(Simd::Scalar).unwrap();
+            quantize_q8(&x, &mut want);
+            for level in supported_simd() {
+                set_simd(level).unwrap();
+                let mut got = Q8Row::default();
+                quantize_q8(&x, &mut got);
+                assert_eq!(got.qs, want.qs, "{level:?} seed {seed}");
+                assert_eq!(got.sum, want.sum, "{level:?} seed {seed}");
+                assert_eq!(got.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+                assert_eq!(got.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            }
+        }
+        set_simd(detected_simd()).unwrap();
+    }
+
+    #[test]
+    fn simd_swiglu_equals_the_scalar_one_bit_for_bit() {
+        let seed = Rng::seed_from_time();
+        let mut rng = Rng::new(seed);
+        for n in [1, 15, 16, 17, 1536 + 5] {
+            let g = inputs(&mut rng, n);
+            let u = inputs(&mut rng, n);
+            let mut want = g.clone();
+            silu_mul_scalar(&mut want, &u);
+            let mut got = g.clone();
+            silu_mul(&mut got, &u);
+            for i in 0..n {
+                assert!(got[i].to_bits() == want[i].to_bits() || (got[i].is_nan() && want[i].is_nan()), "n {n} [{i}]: {} vs {} (x {}, seed {seed})", got[i], want[i], g[i]);
             }
         }
     }

@@ -152,20 +152,20 @@ impl Backend for Cpu {
         if spec.is_plain() {
             Ok(CpuKv::Plain(Fp16Layer::new(n_kv_heads, head_dim, capacity)?))
         } else {
-            Ok(CpuKv::Strategy(Box::new(StrategyLayer::new(spec, n_kv_heads, head_dim, capacity, layer)?), Vec::new()))
+            Ok(CpuKv::Strategy(Box::new(StrategyLayer::new(spec, n_kv_heads, head_dim, capacity, layer)?)))
         }
     }
 
     fn kv_append(&self, layer: &mut CpuKv, k: &Vec<f32>, v: &Vec<f32>, n_tokens: usize) -> Result<()> {
         let (heads, hd) = match layer {
             CpuKv::Plain(l) => (l.n_kv_heads, l.head_dim),
-            CpuKv::Strategy(l, _) => (l.n_kv_heads, l.head_dim),
+            CpuKv::Strategy(l) => (l.n_kv_heads, l.head_dim),
         };
         let n = n_tokens * heads * hd;
         check_len("kv_append", k.len().min(v.len()), n)?;
         match layer {
             CpuKv::Plain(l) => l.append(&k[..n], &v[..n], n_tokens),
-            CpuKv::Strategy(l, _) => l.append(&k[..n], &v[..n], n_tokens),
+            CpuKv::Strategy(l) => l.append(&k[..n], &v[..n], n_tokens),
         }
     }
 
@@ -195,11 +195,11 @@ impl Backend for Cpu {
                     CpuKind::Fast => fast::attention(&q[..n], l, n_tokens, n_heads, head_dim, &mut out[..n], None),
                 }
             }
-            CpuKv::Strategy(l, scratch) => {
+            CpuKv::Strategy(l) => {
                 if head_dim != l.head_dim || n_heads % l.n_kv_heads != 0 {
                     bail!("attention: {n_heads} heads of {head_dim} against {} KV heads of {}", l.n_kv_heads, l.head_dim);
                 }
-                l.attention(&q[..n], n_tokens, n_heads, &mut out[..n], scratch);
+                l.attention(&q[..n], n_tokens, n_heads, &mut out[..n]);
             }
         }
         Ok(())
@@ -208,7 +208,7 @@ impl Backend for Cpu {
     fn kv_finish_step(&self, layer: &mut CpuKv, n_new: usize, pos0: usize, prompt_len: usize) -> Result<()> {
         match layer {
             CpuKv::Plain(_) => Ok(()),
-            CpuKv::Strategy(l, _) => {
+            CpuKv::Strategy(l) => {
                 l.prompt_len = prompt_len;
                 l.finish_step(n_new, pos0)
             }
@@ -218,14 +218,14 @@ impl Backend for Cpu {
     fn kv_bytes(&self, layer: &CpuKv) -> KvBytes {
         match layer {
             CpuKv::Plain(l) => KvBytes { fp16: l.bytes(), ..KvBytes::default() },
-            CpuKv::Strategy(l, _) => l.bytes(),
+            CpuKv::Strategy(l) => l.bytes(),
         }
     }
 
     fn kv_len(&self, layer: &CpuKv) -> usize {
         match layer {
             CpuKv::Plain(l) => l.n_tokens,
-            CpuKv::Strategy(l, _) => l.n_seen,
+            CpuKv::Strategy(l) => l.n_seen,
         }
     }
 
@@ -235,18 +235,18 @@ impl Backend for Cpu {
                 l.truncate(n_tokens);
                 Ok(())
             }
-            CpuKv::Strategy(l, _) if n_tokens == 0 => l.reset(),
-            CpuKv::Strategy(l, _) if n_tokens >= l.n_seen => Ok(()),
+            CpuKv::Strategy(l) if n_tokens == 0 => l.reset(),
+            CpuKv::Strategy(l) if n_tokens >= l.n_seen => Ok(()),
             CpuKv::Strategy(..) => bail!("a compressed or evicting cache can only be emptied, not cut at position {n_tokens}"),
         }
     }
 }
 
 /// A CPU layer cache: the plain fp16 cache (the `fp16` strategy, with llama.cpp's attention
-/// arithmetic), or a policy over a codec with a score scratch buffer.
+/// arithmetic), or a policy over a codec.
 pub enum CpuKv {
     Plain(Fp16Layer),
-    Strategy(Box<StrategyLayer>, Vec<f32>),
+    Strategy(Box<StrategyLayer>),
 }
 
 /// f16 to f32 for a slice (used by the fast attention).

@@ -18,3 +18,9 @@ unsafe impl cudarc::driver::DeviceRepr for KvRmsnormParams {}
 unsafe impl cudarc::driver::DeviceRepr for KvRopeParams {}
 unsafe impl cudarc::driver::DeviceRepr for KvElementwiseParams {}
 unsafe impl cudarc::driver::DeviceRepr for KvArgmaxParams {}
+unsafe impl cudarc::driver::DeviceRepr for KvBiasParams {}
+unsafe impl cudarc::driver::DeviceRepr for KvRowsParams {}
+unsafe impl cudarc::driver::DeviceRepr for KvMatmulParams {}
+unsafe impl cudarc::driver::DeviceRepr for KvEmbedParams {}
+unsafe impl cudarc::driver::DeviceRepr for KvAttnParams {}
+unsafe impl cudarc::driver::DeviceRepr for KvAppendParams {}

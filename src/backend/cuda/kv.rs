@@ -16,8 +16,12 @@ pub trait DeviceCodec: Send {
     /// A short name with parameters, as the CPU codec's `describe` gives it.
     fn describe(&self) -> String;
     /// Appends tokens: `k` and `v` are `[n_tokens, n_kv_heads, head_dim]` f32 on the device
-    /// (keys after RoPE), as `Codec::append` takes them on the CPU.
+    /// (keys after RoPE), as `Codec::append` takes them on the CPU: held in f16 until
+    /// `compress_due`.
     fn append(&mut self, rt: &CudaRuntime, k: &CudaSlice<f32>, v: &CudaSlice<f32>, n_tokens: usize) -> Result<()>;
+    /// Compresses what is due at the end of a step, after its attention and evictions, as
+    /// `Codec::compress_due` does (`prompt`: a block of the prompt or of a multi-token step).
+    fn compress_due(&mut self, rt: &CudaRuntime, prompt: bool) -> Result<()>;
     /// Tokens head `g` holds.
     fn len(&self, g: usize) -> usize;
     /// Causal attention of `n_tokens` queries `q` (`[n_tokens, n_heads, head_dim]`, f32) into

@@ -11,8 +11,8 @@ use cudarc::driver::{
 };
 
 use super::ffi::{
-    KvArgmaxParams, KvElementwiseParams, KvRmsnormParams, KvRopeParams, KV_ELEMENTWISE_THREADS,
-    KV_ELEMENTWISE_VEC, KV_ROPE_NEOX, KV_ROPE_NORM, KV_ROW_MAX_THREADS,
+    KvArgmaxParams, KvBiasParams, KvElementwiseParams, KvRmsnormParams, KvRopeParams, KvRowsParams,
+    KV_ELEMENTWISE_THREADS, KV_ELEMENTWISE_VEC, KV_ROPE_NEOX, KV_ROPE_NORM, KV_ROWS_THREADS, KV_ROW_MAX_THREADS,
 };
 use super::CudaRuntime;
 use crate::backend::cpu::reference::{RopeParams, RopeStyle};
@@ -45,12 +45,12 @@ impl RopeShape {
     }
 }
 
-fn to_u32(kernel: &str, what: &str, v: usize) -> Result<u32> {
+pub(super) fn to_u32(kernel: &str, what: &str, v: usize) -> Result<u32> {
     u32::try_from(v)
         .map_err(|_| anyhow!("{kernel}: {what} = {v} does not fit the kernel's 32-bit counts"))
 }
 
-fn elements(kernel: &str, dims: &[(&str, usize)]) -> Result<usize> {
+pub(super) fn elements(kernel: &str, dims: &[(&str, usize)]) -> Result<usize> {
     dims.iter()
         .try_fold(1usize, |acc, &(_, d)| acc.checked_mul(d))
         .ok_or_else(|| {
@@ -59,7 +59,7 @@ fn elements(kernel: &str, dims: &[(&str, usize)]) -> Result<usize> {
         })
 }
 
-fn check_len(kernel: &str, buffer: &str, len: usize, needed: usize) -> Result<()> {
+pub(super) fn check_len(kernel: &str, buffer: &str, len: usize, needed: usize) -> Result<()> {
     if len < needed {
         bail!("{kernel}: buffer `{buffer}` holds {len} elements, the shape needs {needed}");
     }
@@ -73,7 +73,7 @@ fn row_threads(units: usize) -> u32 {
     (units.div_ceil(32) * 32).clamp(32, max) as u32
 }
 
-fn launch_error(kernel: &str, cfg: &LaunchConfig, e: cudarc::driver::DriverError) -> anyhow::Error {
+pub(super) fn launch_error(kernel: &str, cfg: &LaunchConfig, e: cudarc::driver::DriverError) -> anyhow::Error {
     anyhow!(
         "launching {kernel} (grid {:?}, block {:?}, {} bytes shared): {e}",
         cfg.grid_dim,
@@ -358,6 +358,82 @@ impl CudaRuntime {
     }
 }
 
+impl CudaRuntime {
+    /// `x[r, :] += b` for `n_rows` rows of `width` values (`Cpu::add_bias`).
+    pub fn add_bias<X, B>(&self, x: &mut X, b: &B, width: usize, n_rows: usize) -> Result<()>
+    where
+        X: DevicePtrMut<f32>,
+        B: DevicePtr<f32>,
+    {
+        let k = "kv_add_bias_f32";
+        let n = elements(k, &[("n_rows", n_rows), ("width", width)])?;
+        check_len(k, "x", x.len(), n)?;
+        check_len(k, "b", b.len(), width)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let p = KvBiasParams { n_rows: to_u32(k, "n_rows", n_rows)?, width: to_u32(k, "width", width)? };
+        // Grid-stride: enough blocks to fill the device, no more than the elements need.
+        let blocks = n.div_ceil(KV_ELEMENTWISE_THREADS as usize).min(65_535) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (KV_ELEMENTWISE_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let stream = &*self.stream;
+        let (xp, _xg) = x.device_ptr_mut(stream);
+        let (bp, _bg) = b.device_ptr(stream);
+        let mut launch = stream.launch_builder(&self.model.add_bias);
+        launch.arg(&xp).arg(&bp).arg(&p);
+        // SAFETY: (float *x, const float *b, params); lengths checked above.
+        unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))?;
+        Ok(())
+    }
+
+    /// `dst` row `i` = `src` row `idx[i]` for each of `idx`'s `n_rows` entries, rows of
+    /// `row_words` 32-bit words. Row indices are checked on the host against `src_rows`.
+    pub(crate) fn gather_rows(&self, src: u64, src_rows: usize, dst: u64, dst_rows: usize, idx: &[u32], row_words: usize) -> Result<()> {
+        self.move_rows("kv_gather_rows_u32", &self.model.gather_rows, src, src_rows, dst, dst_rows, idx, row_words, true)
+    }
+
+    /// `dst` row `idx[i]` = `src` row `i` (the inverse of [`CudaRuntime::gather_rows`]).
+    pub(crate) fn scatter_rows(&self, src: u64, src_rows: usize, dst: u64, dst_rows: usize, idx: &[u32], row_words: usize) -> Result<()> {
+        self.move_rows("kv_scatter_rows_u32", &self.model.scatter_rows, src, src_rows, dst, dst_rows, idx, row_words, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn move_rows(
+        &self,
+        k: &str,
+        func: &CudaFunction,
+        src: u64,
+        src_rows: usize,
+        dst: u64,
+        dst_rows: usize,
+        idx: &[u32],
+        row_words: usize,
+        gather: bool,
+    ) -> Result<()> {
+        if idx.is_empty() || row_words == 0 {
+            return Ok(());
+        }
+        let (indexed, plain) = if gather { (src_rows, dst_rows) } else { (dst_rows, src_rows) };
+        if idx.len() > plain {
+            bail!("{k}: {} rows moved, the buffer holds {plain}", idx.len());
+        }
+        if let Some(&bad) = idx.iter().find(|&&i| i as usize >= indexed) {
+            bail!("{k}: row index {bad} outside the {indexed} rows of the buffer");
+        }
+        let p = KvRowsParams { n_rows: to_u32(k, "n_rows", idx.len())?, row_words: to_u32(k, "row_words", row_words)? };
+        let d_idx = self.upload(idx)?;
+        let cfg = LaunchConfig { grid_dim: (p.n_rows, 1, 1), block_dim: (KV_ROWS_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let stream = &*self.stream;
+        let (ip, _ig) = d_idx.device_ptr(stream);
+        let mut launch = stream.launch_builder(func);
+        launch.arg(&src).arg(&dst).arg(&ip).arg(&p);
+        // SAFETY: (const uint32_t *src, uint32_t *dst, const uint32_t *idx, params); the caller
+        // passes live device buffers of src_rows and dst_rows rows; indices checked above.
+        unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))?;
+        Ok(())
+    }
+}
+
 /// One thread per KV_ELEMENTWISE_VEC elements, KV_ELEMENTWISE_THREADS per block.
 fn elementwise_config(n: usize) -> LaunchConfig {
     let per_block = (KV_ELEMENTWISE_THREADS * KV_ELEMENTWISE_VEC) as usize;
@@ -406,6 +482,18 @@ mod tests {
             "kv_silu_mul_f32",
             "kv_add_f32",
             "kv_argmax_f32",
+            "kv_add_bias_f32",
+            "kv_gather_rows_u32",
+            "kv_gemv_q4_0_t1",
+            "kv_gemv_q4_k_t4",
+            "kv_gemm_q6_k",
+            "kv_embed",
+            "kv_attn_decode_d128",
+            "kv_attn_decode_d128_mass",
+            "kv_attn_prefill_d64_mass",
+            "kv_attn_combine",
+            "kv_attn_mass",
+            "kv_cache_append",
         ] {
             assert!(report.contains(k), "{k} missing from the ptxas report");
         }

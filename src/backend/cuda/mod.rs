@@ -13,13 +13,19 @@
 //! kernel runs surfaces at the next synchronising call ([`CudaRuntime::synchronize`] or a
 //! download).
 
+mod attention;
+pub mod backend;
 pub mod ffi;
 pub mod kv;
+pub mod kv_fp16;
 pub mod kvcodec;
 mod layers;
+pub mod quant;
 pub mod selftest;
+mod selftest_model;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Context, Result};
 use cudarc::driver::{
@@ -28,7 +34,10 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
+pub use attention::AttnShape;
+pub use backend::{make_device_codec, Cuda};
 pub use layers::RopeShape;
+pub use quant::DeviceWeight;
 
 /// The fatbin build.rs produced; empty when nvcc was not found at build time.
 static KERNELS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
@@ -91,12 +100,41 @@ struct LayerKernels {
     argmax: CudaFunction,
 }
 
+/// The kernels added for the whole forward pass: `layers.cu` (bias, row gather / scatter),
+/// `quant.cu` and `attention.cu`.
+struct ModelKernels {
+    add_bias: CudaFunction,
+    gather_rows: CudaFunction,
+    scatter_rows: CudaFunction,
+    /// Per GGML type id: (GEMV for 1 token, GEMV for up to KV_GEMV_MAX_TOKENS, tensor-core GEMM).
+    matmul: HashMap<u32, (CudaFunction, CudaFunction, CudaFunction)>,
+    gemv_naive: CudaFunction,
+    embed: CudaFunction,
+    /// Per head_dim: (decode, decode with mass, prefill, prefill with mass).
+    attention: HashMap<usize, [CudaFunction; 4]>,
+    attn_combine: CudaFunction,
+    attn_mass: CudaFunction,
+    attn_naive: CudaFunction,
+    cache_append: CudaFunction,
+}
+
+/// Device scratch shared by every layer (attention partials and scores, eviction rows): one
+/// growable buffer per element type, used by one launch sequence at a time.
+#[derive(Default)]
+struct ScratchPool {
+    f32: Option<CudaSlice<f32>>,
+    u32: Option<CudaSlice<u32>>,
+}
+
 /// One CUDA device with the embedded kernels loaded.
 pub struct CudaRuntime {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     layers: LayerKernels,
+    model: ModelKernels,
+    multiprocessors: usize,
+    scratch: Mutex<ScratchPool>,
 }
 
 impl CudaRuntime {
@@ -142,12 +180,86 @@ impl CudaRuntime {
             add: load("kv_add_f32")?,
             argmax: load("kv_argmax_f32")?,
         };
+        let mut matmul = HashMap::new();
+        for (name, ty) in quant::KERNEL_TYPES {
+            let f = (
+                load(&format!("kv_gemv_{name}_t1"))?,
+                load(&format!("kv_gemv_{name}_t4"))?,
+                load(&format!("kv_gemm_{name}"))?,
+            );
+            matmul.insert(ty.id(), f);
+        }
+        let mut attention = HashMap::new();
+        for d in attention::HEAD_DIMS {
+            attention.insert(
+                d,
+                [
+                    load(&format!("kv_attn_decode_d{d}"))?,
+                    load(&format!("kv_attn_decode_d{d}_mass"))?,
+                    load(&format!("kv_attn_prefill_d{d}"))?,
+                    load(&format!("kv_attn_prefill_d{d}_mass"))?,
+                ],
+            );
+        }
+        let model = ModelKernels {
+            add_bias: load("kv_add_bias_f32")?,
+            gather_rows: load("kv_gather_rows_u32")?,
+            scatter_rows: load("kv_scatter_rows_u32")?,
+            matmul,
+            gemv_naive: load("kv_gemv_naive")?,
+            embed: load("kv_embed")?,
+            attention,
+            attn_combine: load("kv_attn_combine")?,
+            attn_mass: load("kv_attn_mass")?,
+            attn_naive: load("kv_attn_naive")?,
+            cache_append: load("kv_cache_append")?,
+        };
+        let multiprocessors = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| anyhow!("querying the multiprocessor count: {e}"))?
+            .max(1) as usize;
         Ok(CudaRuntime {
             ctx,
             stream,
             _module: module,
             layers,
+            model,
+            multiprocessors,
+            scratch: Mutex::new(ScratchPool::default()),
         })
+    }
+
+    /// Runs `f` with the shared f32 scratch grown to at least `len` elements.
+    pub(crate) fn with_scratch_f32<R>(&self, len: usize, f: impl FnOnce(&mut CudaSlice<f32>) -> Result<R>) -> Result<R> {
+        let mut pool = self.scratch.lock().map_err(|_| anyhow!("the device scratch lock is poisoned"))?;
+        if pool.f32.as_ref().is_none_or(|b| b.len() < len) {
+            pool.f32 = None;
+            pool.f32 = Some(self.zeros::<f32>(len.max(1))?);
+        }
+        f(pool.f32.as_mut().expect("allocated above"))
+    }
+
+    /// Runs `f` with the shared u32 scratch grown to at least `len` elements.
+    pub(crate) fn with_scratch_u32<R>(&self, len: usize, f: impl FnOnce(&mut CudaSlice<u32>) -> Result<R>) -> Result<R> {
+        let mut pool = self.scratch.lock().map_err(|_| anyhow!("the device scratch lock is poisoned"))?;
+        if pool.u32.as_ref().is_none_or(|b| b.len() < len) {
+            pool.u32 = None;
+            pool.u32 = Some(self.zeros::<u32>(len.max(1))?);
+        }
+        f(pool.u32.as_mut().expect("allocated above"))
+    }
+
+    /// Bytes the shared scratch holds now.
+    pub fn scratch_bytes(&self) -> usize {
+        self.scratch
+            .lock()
+            .map(|p| p.f32.as_ref().map_or(0, |b| b.num_bytes()) + p.u32.as_ref().map_or(0, |b| b.num_bytes()))
+            .unwrap_or(0)
+    }
+
+    /// Streaming multiprocessors of the device.
+    pub fn multiprocessors(&self) -> usize {
+        self.multiprocessors
     }
 
     /// A kernel of the embedded fatbin by name (for launch wrappers outside this module).

@@ -349,6 +349,7 @@ pub fn run_on(rt: &CudaRuntime, seed: u64) -> Result<Vec<SelftestLine>> {
             |t| t.argmax(n_rows, n_cols, rows, offset),
         );
     }
+    super::selftest_model::run_model_checks(&mut t);
     t.lines.extend(super::kvcodec::check::checks(rt, seed));
     Ok(t.lines)
 }
@@ -362,24 +363,24 @@ fn offset_note(offset: usize) -> String {
 }
 
 /// The outcome of one case before it becomes a line.
-pub(crate) struct Outcome {
-    pub(crate) tol: Tolerance,
-    pub(crate) max_abs_err: f64,
-    pub(crate) max_rel_err: f64,
-    pub(crate) mismatches: usize,
+pub(super) struct Outcome {
+    pub(super) tol: Tolerance,
+    pub(super) max_abs_err: f64,
+    pub(super) max_rel_err: f64,
+    pub(super) mismatches: usize,
     /// First problem found, if any.
-    pub(crate) problem: Option<String>,
+    pub(super) problem: Option<String>,
 }
 
-struct Tester<'a> {
-    rt: &'a CudaRuntime,
-    rng: SplitMix64,
-    seed: u64,
-    lines: Vec<SelftestLine>,
+pub(super) struct Tester<'a> {
+    pub(super) rt: &'a CudaRuntime,
+    pub(super) rng: SplitMix64,
+    pub(super) seed: u64,
+    pub(super) lines: Vec<SelftestLine>,
 }
 
 impl Tester<'_> {
-    fn record(
+    pub(super) fn record(
         &mut self,
         kernel: &'static str,
         shape: String,
@@ -628,7 +629,7 @@ impl Guarded {
     }
 }
 
-pub(crate) fn compare(got: &[f32], want: &[f32], tol: Tolerance) -> Outcome {
+pub(super) fn compare(got: &[f32], want: &[f32], tol: Tolerance) -> Outcome {
     let scale = want
         .iter()
         .filter(|v| v.is_finite())
@@ -747,10 +748,10 @@ enum ArgmaxRows {
 }
 
 /// splitmix64 (Steele, Lea, Flood 2014): tiny, seedable, good enough for test inputs.
-struct SplitMix64(u64);
+pub(super) struct SplitMix64(pub(super) u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -764,7 +765,7 @@ impl SplitMix64 {
         lo + (hi - lo) * unit
     }
 
-    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    pub(super) fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
         (0..n).map(|_| self.uniform(lo, hi)).collect()
     }
 }
@@ -811,6 +812,7 @@ pub fn microbench(rt: &CudaRuntime, iters: usize, seed: u64) -> Result<Vec<Bench
     let mut rng = SplitMix64(seed);
     let mut lines = Vec::new();
     const F32: u64 = 4;
+    super::selftest_model::microbench_model(rt, iters, seed, &mut lines)?;
 
     let (n_rows, dim) = (4096usize, 4096usize);
     let x = rt.upload(&rng.vec(n_rows * dim, -2.0, 2.0))?;
@@ -910,7 +912,19 @@ pub fn microbench(rt: &CudaRuntime, iters: usize, seed: u64) -> Result<Vec<Bench
     Ok(lines)
 }
 
-pub(crate) fn bench_line(
+/// Device-to-device copy bandwidth: `iters` timed copies of `bytes` bytes (after a warm-up),
+/// (read + written bytes) / median time, in 1e9 bytes per second.
+pub fn copy_bandwidth_gb_s(rt: &CudaRuntime, bytes: usize, iters: usize) -> Result<f64> {
+    let n = bytes / 4;
+    let src = rt.zeros::<f32>(n)?;
+    let mut dst = rt.zeros::<f32>(n)?;
+    let (median_ms, _) = time(rt, iters.max(1), || {
+        rt.stream().memcpy_dtod(&src, &mut dst).map_err(|e| anyhow!("device copy of {bytes} bytes: {e}"))
+    })?;
+    Ok(2.0 * (n * 4) as f64 / (median_ms * 1e-3) / 1e9)
+}
+
+pub(super) fn bench_line(
     kernel: &'static str,
     shape: String,
     bytes: u64,
@@ -931,7 +945,7 @@ pub(crate) fn bench_line(
 }
 
 /// (median, min) in milliseconds of `iters` timed launches of `launch`.
-pub(crate) fn time(
+pub(super) fn time(
     rt: &CudaRuntime,
     iters: usize,
     mut launch: impl FnMut() -> Result<()>,

@@ -2,11 +2,13 @@
 //! compressed blocks followed by a recent fp16 buffer, tokens in arrival order.
 //!
 //! Buffering: appended tokens (rounded to f16, as the fp16 cache stores them) go to the head's
-//! buffer. After an append, when the buffer holds at least `flush` tokens, its oldest
-//! `floor(len / flush) * flush` tokens are compressed into one new block and the rest stay in
-//! fp16. Without eviction the buffer therefore holds `n_tokens mod flush` tokens: a prompt of `n`
-//! tokens is compressed at once except its last `n mod flush`, and decoding compresses one block
-//! of `flush` tokens every `flush` steps.
+//! buffer, and stay there through the attention of the step that brought them. At the end of a
+//! step (`compress_due`, called by the strategy layer once the policy has evicted), when the
+//! buffer holds at least `flush` tokens, its oldest `floor(len / flush) * flush` tokens are
+//! compressed into one new block and the rest stay in fp16. Without eviction the buffer
+//! therefore holds `n_tokens mod flush` tokens: a prompt of `n` tokens is compressed at once
+//! except its last `n mod flush`, and decoding compresses one block of `flush` tokens every
+//! `flush` steps.
 //!
 //! A block stores K and V as `Part`s: the backbone quantization of `X - S` (`QuantMatrix`), and
 //! for GEAR the sparse outliers `S` and the low-rank factors of the residual. A token's decoded
@@ -234,7 +236,6 @@ impl Blocked {
         if want != Some(k.len()) || want != Some(v.len()) {
             bail!("append of {n_tokens} tokens needs {n_tokens} x {h_n} x {d} values for K and V, got {} and {}", k.len(), v.len());
         }
-        let scheme = self.scheme;
         for (g, head) in self.heads.iter_mut().enumerate() {
             head.buf_k.reserve(n_tokens * d);
             head.buf_v.reserve(n_tokens * d);
@@ -243,6 +244,16 @@ impl Blocked {
                 head.buf_k.extend(k[src..src + d].iter().map(|&x| f16::from_f32(x)));
                 head.buf_v.extend(v[src..src + d].iter().map(|&x| f16::from_f32(x)));
             }
+        }
+        Ok(())
+    }
+
+    /// Compresses, in every head whose buffer holds at least `flush` tokens, its oldest
+    /// `floor(n_buf / flush) * flush` tokens into one new block (GEAR rank `rank` for the prompt,
+    /// `rank_decode` for a block that decoding filled).
+    pub(crate) fn compress_due(&mut self, prompt: bool) -> Result<()> {
+        let (d, scheme) = (self.head_dim, self.scheme);
+        for (g, head) in self.heads.iter_mut().enumerate() {
             let n_buf = head.buf_k.len() / d;
             if n_buf < scheme.flush {
                 continue;
@@ -252,7 +263,7 @@ impl Blocked {
             let mut xv = vec![0f32; m * d];
             head.buf_k[..m * d].convert_to_f32_slice(&mut xk);
             head.buf_v[..m * d].convert_to_f32_slice(&mut xv);
-            let gear = scheme.gear.as_ref().map(|gs| (gs, if n_tokens > 1 { gs.rank } else { gs.rank_decode }));
+            let gear = scheme.gear.as_ref().map(|gs| (gs, if prompt { gs.rank } else { gs.rank_decode }));
             let mut rng = Rng::new(block_seed(scheme.gear.map_or(0, |gs| gs.seed), g, head.made));
             let kp = Part::compress(&mut xk, m, d, scheme.bits, scheme.k_layout, gear, &mut rng);
             let vp = Part::compress(&mut xv, m, d, scheme.bits, scheme.v_layout, gear, &mut rng);

@@ -143,27 +143,37 @@ impl GearConfig {
         }
     }
 
-    /// Bytes after a prompt of `n_prompt` tokens (one append) and `n_decode` one-token appends,
-    /// with no eviction. The prompt makes one block of `m0 = n_prompt - n_prompt mod nb` tokens at
-    /// rank `rank` (at `rank_decode` if the prompt is a single token); decoding makes a block of nb
-    /// tokens at `rank_decode` each time the buffer fills; `(n_prompt + n_decode) mod nb` tokens
-    /// stay in fp16. A block of `m` tokens holds, for K and V each, `m ceil(head_dim bits / 8)`
-    /// code bytes, its backbone's (step, zero) pairs, `(m + head_dim) r` f16 factors and
-    /// `floor(s m head_dim)` outliers of (2- or 4-byte index, f16 value).
-    pub fn formula_bytes(&self, n_kv_heads: usize, head_dim: usize, n_prompt: usize, n_decode: usize) -> KvBytes {
+    /// Bytes after a prompt of `n_prompt` tokens run in forward batches of `n_batch` tokens
+    /// (`0`: one batch) and `n_decode` one-token steps, with no eviction. Each step's tokens join
+    /// the fp16 buffer; at the end of a step whose buffer holds at least nb tokens, its oldest
+    /// `floor(n_buf / nb) nb` become one block, at rank `rank` for a block made by a prompt step
+    /// or a step of several tokens and at `rank_decode` for one made by decoding. A prompt run as
+    /// one batch therefore makes one block of `n_prompt - n_prompt mod nb` tokens, and decoding a
+    /// block of nb tokens every nb steps. A block of `m` tokens holds, for K and V each,
+    /// `m ceil(head_dim bits / 8)` code bytes, its backbone's (step, zero) pairs,
+    /// `(m + head_dim) r` f16 factors and `floor(s m head_dim)` outliers of (2- or 4-byte index,
+    /// f16 value).
+    pub fn formula_bytes(&self, n_kv_heads: usize, head_dim: usize, n_prompt: usize, n_decode: usize, n_batch: usize) -> KvBytes {
         let nb = self.buffer;
+        let step = if n_batch == 0 { n_prompt.max(1) } else { n_batch };
         let mut per_head = KvBytes::default();
-        let m0 = n_prompt / nb * nb;
-        if m0 > 0 {
-            per_head.add(&self.block_bytes(head_dim, m0, if n_prompt > 1 { self.rank } else { self.rank_decode }));
+        let mut n_buf = 0;
+        let mut done = 0;
+        while done < n_prompt {
+            let n = step.min(n_prompt - done);
+            n_buf += n;
+            done += n;
+            if n_buf >= nb {
+                let m = n_buf / nb * nb;
+                per_head.add(&self.block_bytes(head_dim, m, self.rank));
+                n_buf -= m;
+            }
         }
-        let total = n_prompt + n_decode;
-        let n_decode_blocks = (total / nb * nb - m0) / nb;
         let decode_block = self.block_bytes(head_dim, nb, self.rank_decode);
-        for _ in 0..n_decode_blocks {
+        for _ in 0..(n_buf + n_decode) / nb {
             per_head.add(&decode_block);
         }
-        per_head.fp16 = 2 * (total % nb) * head_dim * 2;
+        per_head.fp16 = 2 * ((n_buf + n_decode) % nb) * head_dim * 2;
         let mut all = KvBytes::default();
         for _ in 0..n_kv_heads {
             all.add(&per_head);
@@ -234,6 +244,7 @@ mod tests {
         let k: Vec<f32> = (0..n * heads * d).map(|_| f16::from_f32(rng.normal() * if rng.below(10) == 0 { 20.0 } else { 1.0 }).to_f32()).collect();
         let v: Vec<f32> = (0..n * heads * d).map(|_| f16::from_f32(rng.normal()).to_f32()).collect();
         c.append(&k, &v, n).unwrap();
+        c.compress_due(true).unwrap();
         let per_block = outlier_count(0.05, n * d);
         for g in 0..heads {
             for (key, x) in [(true, &k), (false, &v)] {

@@ -71,11 +71,20 @@ impl GroupConfig {
     /// in fp16.
     pub fn formula_bytes(&self, n_kv_heads: usize, head_dim: usize, n_tokens: usize) -> KvBytes {
         let nb = n_tokens % self.residual;
-        let nc = n_tokens - nb;
+        let block = self.block_bytes(head_dim, n_tokens - nb);
         KvBytes {
-            codes: n_kv_heads * 2 * nc * row_bytes(head_dim, self.bits),
-            scales: n_kv_heads * (scale_bytes_for(Layout::Channel { group: self.group }, nc, head_dim) + scale_bytes_for(Layout::Token { group: self.group }, nc, head_dim)),
+            codes: n_kv_heads * block.codes,
+            scales: n_kv_heads * block.scales,
             fp16: n_kv_heads * 2 * nb * head_dim * 2,
+            ..KvBytes::default()
+        }
+    }
+
+    /// Bytes of one head's `m` quantized tokens, K and V.
+    pub fn block_bytes(&self, head_dim: usize, m: usize) -> KvBytes {
+        KvBytes {
+            codes: 2 * m * row_bytes(head_dim, self.bits),
+            scales: scale_bytes_for(Layout::Channel { group: self.group }, m, head_dim) + scale_bytes_for(Layout::Token { group: self.group }, m, head_dim),
             ..KvBytes::default()
         }
     }

@@ -23,6 +23,9 @@ macro_rules! forward_codec_to_inner {
         fn append(&mut self, k: &[f32], v: &[f32], n_tokens: usize) -> Result<()> {
             self.inner.append(k, v, n_tokens)
         }
+        fn compress_due(&mut self, prompt: bool) -> Result<()> {
+            self.inner.compress_due(prompt)
+        }
         fn len(&self, g: usize) -> usize {
             self.inner.len(g)
         }
@@ -110,7 +113,13 @@ pub trait Codec: Send + Sync {
     /// A short name with parameters, for reports (`gear(bits=4,group=32,rank=4,...)`).
     fn describe(&self) -> String;
     /// Appends tokens: `k` and `v` are `[n_tokens, n_kv_heads, head_dim]` f32 (keys after RoPE).
+    /// They are held in full precision (f16) until `compress_due`.
     fn append(&mut self, k: &[f32], v: &[f32], n_tokens: usize) -> Result<()>;
+    /// Compresses what is due at the end of a step (after the step's attention and evictions).
+    /// `prompt`: the block is the prompt's (GEAR uses its prefill rank), not one decoding filled.
+    fn compress_due(&mut self, _prompt: bool) -> Result<()> {
+        Ok(())
+    }
     /// Tokens head `g` holds.
     fn len(&self, g: usize) -> usize;
     /// `out[j] = q . k_j` for KV head `g` and the first `out.len()` tokens held.

@@ -1,9 +1,10 @@
 //! `kvgear selftest` for the compressed KV codecs on the device, and their `--bench` timings.
 //!
 //! Every case feeds the same K/V (seeded from the run seed) to the device codec and to a CPU
-//! `StrategyLayer` over the CPU codec with the same parameters and seed, through a prompt, decode
-//! steps across several compressions, evictions that leave each head at its own budget, and
-//! more decoding; then compares
+//! `StrategyLayer` over the CPU codec with the same parameters and seed, step by step as a
+//! forward pass runs them (append, attention, evictions, compress_due): a prompt, decode steps
+//! across several compressions, evictions that leave each head at its own budget, more
+//! decoding and a multi-token step; then compares
 //! - the storage: every token decoded on the device (`kv_quant_decode_tokens`, which reads codes,
 //!   scales, factors and outliers as attention does) against the CPU codec's `decode_token`, and
 //!   `bytes()` against the CPU's, exactly;
@@ -215,6 +216,21 @@ impl Run<'_> {
         self.dev.append(self.rt, &dk, &dv, n_tokens)
     }
 
+    /// The end of a step: compress_due on both sides.
+    fn compress(&mut self, prompt: bool) -> Result<()> {
+        self.layer.codec.compress_due(prompt)?;
+        self.dev.compress_due(self.rt, prompt)
+    }
+
+    /// Decode steps (append, compress_due) with no checks.
+    fn decode(&mut self, n_steps: usize) -> Result<()> {
+        for _ in 0..n_steps {
+            self.append(1)?;
+            self.compress(false)?;
+        }
+        Ok(())
+    }
+
     fn storage(&mut self) -> Result<Outcome> {
         let (heads, d) = (self.sc.heads, self.sc.head_dim);
         let tol = if self.sc.low_rank() { KV_STORAGE_LOWRANK } else { KV_STORAGE_EXACT };
@@ -249,7 +265,7 @@ impl Run<'_> {
             self.layer.mass[g] = vec![0.0; self.layer.codec.len(g)];
         }
         let mut want = vec![0f32; q.len()];
-        self.layer.attention(&q, n_tokens, n_heads, &mut want, &mut Vec::new());
+        self.layer.attention(&q, n_tokens, n_heads, &mut want);
         let stride = (0..heads).map(|g| self.layer.codec.len(g)).max().unwrap_or(0) + 1;
         let dq = self.rt.upload(&q)?;
         let mut out: CudaSlice<f32> = self.rt.zeros(q.len())?;
@@ -298,68 +314,68 @@ pub fn checks(rt: &CudaRuntime, seed: u64) -> Vec<SelftestLine> {
         };
         let mut run = Run { rt, sc, rng: Rng::new(case_seed), layer, dev };
         let shape = |phase: &str| format!("{name}: {phase}");
-        let prefill_kernel = "kv_attn_quant_prefill";
-        // A failed append leaves the two sides out of step: the rest of the case is skipped.
-        if let Err(e) = run.append(sc.prompt) {
-            lines.push(line("kv_quant_compress", shape("prompt"), seed, Err(e)));
-            continue;
+        // A failed append, eviction or compression leaves the two sides out of step: the rest of
+        // the case is skipped.
+        macro_rules! or_skip {
+            ($e:expr, $kernel:expr, $phase:expr) => {
+                if let Err(e) = $e {
+                    lines.push(line($kernel, shape($phase), seed, Err(e)));
+                    continue;
+                }
+            };
         }
-        lines.push(line("kv_quant_compress", shape("prompt storage"), seed, run.storage()));
+        // The prompt step: attention over the fp16 buffer, then its compression.
+        or_skip!(run.append(sc.prompt), "kv_quant_buffer_append", "prompt");
         if sc.prompt > 1 {
-            lines.push(line(prefill_kernel, shape("prompt, with mass"), seed, run.attention(sc.prompt, true)));
-            lines.push(line(prefill_kernel, shape("prompt"), seed, run.attention(sc.prompt, false)));
+            lines.push(line("kv_attn_quant_prefill", shape("prompt, with mass"), seed, run.attention(sc.prompt, true)));
+            lines.push(line("kv_attn_quant_prefill", shape("prompt"), seed, run.attention(sc.prompt, false)));
+        } else {
+            lines.push(line("kv_attn_quant_decode_mass", shape("prompt, with mass"), seed, run.attention(1, true)));
         }
-        let mut ok = true;
-        for _ in 0..sc.decode {
-            if let Err(e) = run.append(1) {
-                lines.push(line("kv_quant_compress", shape("decode"), seed, Err(e)));
-                ok = false;
-                break;
-            }
-        }
-        if !ok {
-            continue;
-        }
-        lines.push(line("kv_quant_compress", shape("decoded storage"), seed, run.storage()));
+        or_skip!(run.compress(true), "kv_quant_compress", "prompt compression");
+        lines.push(line("kv_quant_compress", shape("prompt storage"), seed, run.storage()));
+        // Decoding across compressions; attention checked in the last step, before its compression.
+        or_skip!(run.decode(sc.decode - 1), "kv_quant_compress", "decode");
+        or_skip!(run.append(1), "kv_quant_buffer_append", "decode");
         lines.push(line("kv_attn_quant_decode", shape("decode"), seed, run.attention(1, false)));
         lines.push(line("kv_attn_quant_decode_mass", shape("decode, with mass"), seed, run.attention(1, true)));
-        let Some(budget) = sc.budget else { continue };
-        for g in 0..sc.heads {
-            let len = run.layer.codec.len(g);
-            let keep = budget.saturating_sub(g).clamp(1, len);
-            let mut idx: Vec<usize> = (0..len).collect();
-            // Partial Fisher-Yates: the first len - keep entries are a random set to evict.
-            for i in 0..len - keep {
-                let j = i + run.rng.below((len - i) as u64) as usize;
-                idx.swap(i, j);
+        or_skip!(run.compress(false), "kv_quant_compress", "decode");
+        lines.push(line("kv_quant_compress", shape("decoded storage"), seed, run.storage()));
+        if let Some(budget) = sc.budget {
+            // An evicting step: every head down to budget - g tokens (random indices, blocks and
+            // buffer alike), checked before and after the step's compression.
+            or_skip!(run.append(1), "kv_quant_buffer_append", "evicting step");
+            let mut evicted = Ok(());
+            for g in 0..sc.heads {
+                let len = run.layer.codec.len(g);
+                let keep = budget.saturating_sub(g).clamp(1, len);
+                let mut idx: Vec<usize> = (0..len).collect();
+                // Partial Fisher-Yates: the first len - keep entries are a random set to evict.
+                for i in 0..len - keep {
+                    let j = i + run.rng.below((len - i) as u64) as usize;
+                    idx.swap(i, j);
+                }
+                idx.truncate(len - keep);
+                idx.sort_unstable();
+                evicted = run.layer.codec.evict(g, &idx).and_then(|_| run.dev.evict(rt, g, &idx));
+                if evicted.is_err() {
+                    break;
+                }
             }
-            idx.truncate(len - keep);
-            idx.sort_unstable();
-            let r = run.layer.codec.evict(g, &idx).and_then(|_| run.dev.evict(rt, g, &idx));
-            if let Err(e) = r {
-                lines.push(line("kv_quant_gather", shape("eviction"), seed, Err(e)));
-                ok = false;
-                break;
-            }
+            or_skip!(evicted, "kv_quant_gather", "eviction");
+            lines.push(line("kv_quant_gather", shape("storage at budget"), seed, run.storage()));
+            lines.push(line("kv_attn_quant_decode_mass", shape("at budget, with mass"), seed, run.attention(1, true)));
+            or_skip!(run.compress(false), "kv_quant_compress", "evicting step");
+            lines.push(line("kv_quant_gather", shape("storage at budget, compressed"), seed, run.storage()));
+            or_skip!(run.decode(sc.decode), "kv_quant_compress", "decode after eviction");
+            lines.push(line("kv_quant_gather", shape("storage after eviction and decoding"), seed, run.storage()));
         }
-        if !ok {
-            continue;
-        }
-        lines.push(line("kv_quant_gather", shape("storage at budget"), seed, run.storage()));
-        lines.push(line("kv_attn_quant_decode_mass", shape("at budget, with mass"), seed, run.attention(1, true)));
-        for _ in 0..sc.decode {
-            if let Err(e) = run.append(1) {
-                lines.push(line("kv_quant_compress", shape("decode after eviction"), seed, Err(e)));
-                ok = false;
-                break;
-            }
-        }
-        if !ok {
-            continue;
-        }
-        lines.push(line("kv_quant_gather", shape("storage after eviction and decoding"), seed, run.storage()));
-        lines.push(line("kv_attn_quant_decode", shape("after eviction"), seed, run.attention(1, false)));
-        lines.push(line(prefill_kernel, shape("4 queries after eviction, with mass"), seed, run.attention(4, true)));
+        // A step of 4 tokens: prefill over compressed blocks and the buffer.
+        or_skip!(run.append(4), "kv_quant_buffer_append", "4-token step");
+        lines.push(line("kv_attn_quant_prefill", shape("4-token step, with mass"), seed, run.attention(4, true)));
+        or_skip!(run.compress(true), "kv_quant_compress", "4-token step");
+        lines.push(line("kv_attn_quant_decode", shape("after the 4-token step"), seed, run.attention(1, false)));
+        lines.push(line("kv_quant_compress", shape("final storage"), seed, run.storage()));
     }
     lines
 }
@@ -372,8 +388,9 @@ fn upload_kv(rt: &CudaRuntime, rng: &mut Rng, n_tokens: usize, heads: usize, d: 
 
 /// Timings on Llama2-7B's attention shape (32 heads of 128, no GQA) with GEAR's defaults:
 /// decode attention over a prompt of 512 and 4096 tokens with and without the mass output
-/// (target: mass costs at most 10%), prefill attention of a 512-token prompt, and the append
-/// that compresses a GEAR block of `buffer` tokens (all 32 heads, one layer) against the decode
+/// (target: mass costs at most 10%), prefill attention of a 512-token prompt step (over its fp16
+/// buffer, before the step's compression, as a forward pass runs it), and the compress_due that
+/// compresses a GEAR block of `buffer` tokens (all 32 heads, one layer) against the decode
 /// attention, raw and per decode step (it happens once every `buffer` steps).
 pub fn bench(rt: &CudaRuntime, iters: usize, seed: u64) -> Result<Vec<BenchLine>> {
     let (heads, d) = (32usize, 128usize);
@@ -385,6 +402,7 @@ pub fn bench(rt: &CudaRuntime, iters: usize, seed: u64) -> Result<Vec<BenchLine>
         let mut dev = new_quant_codec(rt, "gear", &params, heads, d, ctx + 64, seed)?;
         let (k, v) = upload_kv(rt, &mut rng, ctx, heads, d)?;
         dev.append(rt, &k, &v, ctx)?;
+        dev.compress_due(rt, true)?;
         let (k1, v1) = upload_kv(rt, &mut rng, 1, heads, d)?;
         dev.append(rt, &k1, &v1, 1)?;
         let q = rt.upload(&values(&mut rng, heads * d))?;
@@ -420,33 +438,35 @@ pub fn bench(rt: &CudaRuntime, iters: usize, seed: u64) -> Result<Vec<BenchLine>
     let plain = time(rt, prefill_iters, || dev.attention(rt, &q, ctx, heads, &mut out, None))?;
     let with_mass = time(rt, prefill_iters, || dev.attention(rt, &q, ctx, heads, &mut out, Some((&mut mass, ctx))))?;
     let bytes = dev.bytes().total() as u64 + 2 * (ctx * heads * d * 4) as u64;
-    lines.push(bench_line("kv_attn_quant_prefill", format!("llama2-7b 32x128 gear prompt {ctx}"), bytes, prefill_iters, plain, None));
+    lines.push(bench_line("kv_attn_quant_prefill", format!("llama2-7b 32x128 gear prompt step {ctx} (its fp16 buffer)"), bytes, prefill_iters, plain, None));
     lines.push(bench_line(
         "kv_attn_quant_prefill_mass",
-        format!("llama2-7b 32x128 gear prompt {ctx}: prefill + mass pass, {:+.1}% of plain", (with_mass.0 / plain.0 - 1.0) * 100.0),
+        format!("llama2-7b 32x128 gear prompt step {ctx}: prefill + mass pass, {:+.1}% of plain", (with_mass.0 / plain.0 - 1.0) * 100.0),
         bytes,
         prefill_iters,
         with_mass,
         None,
     ));
 
-    // The append that compresses one decode block (buffer tokens, rank_decode) for every head:
-    // fresh codecs with buffer - 1 tokens buffered, then the one-token append that fills it,
-    // timed end to end (host planning, uploads, kernels, the outlier counts' download).
+    // The compress_due that compresses one decode block (buffer tokens, rank_decode) for every
+    // head: fresh codecs whose buffers a decode step has just filled, timed end to end (host
+    // planning, uploads, kernels, the buffers' resize, the outlier counts' copy).
     let nb = crate::kv::codec::GearConfig::from_params(&params)?.buffer;
     let mut ms = Vec::with_capacity(iters);
     for _ in 0..iters.max(1) {
         let mut dev = new_quant_codec(rt, "gear", &params, heads, d, nb + 1, seed)?;
         let (k, v) = upload_kv(rt, &mut rng, nb - 1, heads, d)?;
         dev.append(rt, &k, &v, nb - 1)?;
+        dev.compress_due(rt, true)?;
         let (k1, v1) = upload_kv(rt, &mut rng, 1, heads, d)?;
+        dev.append(rt, &k1, &v1, 1)?;
         rt.synchronize()?;
         let t0 = Instant::now();
-        dev.append(rt, &k1, &v1, 1)?;
+        dev.compress_due(rt, false)?;
         rt.synchronize()?;
         ms.push(t0.elapsed().as_secs_f64() * 1e3);
         if dev.split_len(0) != (nb, 0) {
-            return Err(anyhow!("bench: the append did not compress a block ({:?})", dev.split_len(0)));
+            return Err(anyhow!("bench: compress_due did not compress a block ({:?})", dev.split_len(0)));
         }
     }
     ms.sort_by(f64::total_cmp);

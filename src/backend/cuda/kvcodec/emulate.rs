@@ -10,7 +10,7 @@
 use half::f16;
 
 use super::super::ffi::{KvQBlock, KvQCompressJob, KvQSegment, KV_Q_BUFFER_BLOCK, KV_Q_PREFILL_QROWS, KV_Q_SEG_COPY, KV_Q_SEG_IDX16, KV_Q_SPACE_ARENA, KV_Q_SPACE_BUF_K, KV_Q_SPACE_BUF_V, KV_Q_SPACE_SCRATCH};
-use super::plan::{Scheme, Store, Tables};
+use super::plan::{BufResize, Scheme, Store, Tables};
 use super::{arena_estimate, scheme_of};
 use crate::kv::codec::{f16_down, f16_up, CodecParams, KvBytes};
 use crate::rng::Rng;
@@ -225,9 +225,45 @@ impl Emu {
         }
     }
 
+    /// Replaces the buffers as BufResize says (device.rs: resize_buffers).
+    fn emu_resize(&mut self, old_cap: usize, r: &BufResize) {
+        let (h, d) = (self.s().n_kv_heads, self.s().head_dim);
+        for buf in [&mut self.buf_k, &mut self.buf_v] {
+            let mut new = vec![f16::ZERO; h * r.new_cap * d];
+            for &(g, src, dst, n) in &r.copies {
+                new[(g * r.new_cap + dst) * d..][..n * d].copy_from_slice(&buf[(g * old_cap + src) * d..][..n * d]);
+            }
+            *buf = new;
+        }
+    }
+
+    /// kv_quant_buffer_append, after the buffers grew if they had to.
     pub(crate) fn append(&mut self, k: &[f32], v: &[f32], n_tokens: usize) {
         self.flush();
+        let old_cap = self.store.buf_cap;
         let plan = self.store.plan_append(n_tokens).unwrap();
+        if let Some(r) = &plan.resize {
+            self.emu_resize(old_cap, r);
+        }
+        let s = self.s();
+        let (d, cap) = (s.head_dim, self.store.buf_cap);
+        for (g, &dst0) in plan.dst0.iter().enumerate() {
+            for t in 0..n_tokens {
+                let src = (t * s.n_kv_heads + g) * d;
+                let dst = (g * cap + dst0 as usize + t) * d;
+                for c in 0..d {
+                    self.buf_k[dst + c] = f16::from_f32(k[src + c]);
+                    self.buf_v[dst + c] = f16::from_f32(v[src + c]);
+                }
+            }
+        }
+    }
+
+    /// kv_quant_compress over every job, then the buffers' resize (device.rs: run_compress).
+    pub(crate) fn compress_due(&mut self, prompt: bool) {
+        self.flush();
+        let old_cap = self.store.buf_cap;
+        let plan = self.store.plan_compress(prompt).unwrap();
         if self.arena.len() < plan.arena_cap {
             self.arena.resize(plan.arena_cap, 0);
         }
@@ -235,32 +271,18 @@ impl Emu {
         for range in &plan.launches {
             for job in &plan.jobs[range.clone()] {
                 for part in 0..2 {
-                    self.emu_compress(job, part, if part == 0 { k } else { v }, &plan.b0, n_tokens, &mut counts);
+                    self.emu_compress(job, part, old_cap, &plan.b0, &mut counts);
                 }
             }
         }
-        let s = self.s();
-        let d = s.head_dim;
-        for (g, cp) in plan.copies.iter().enumerate() {
-            for r in 0..plan.copy_rows {
-                let t = cp.t_from as usize + r;
-                if t >= n_tokens {
-                    continue;
-                }
-                let src = (t * s.n_kv_heads + g) * d;
-                let dst = (g * s.flush + cp.dst0 as usize + r) * d;
-                for c in 0..d {
-                    self.buf_k[dst + c] = f16::from_f32(k[src + c]);
-                    self.buf_v[dst + c] = f16::from_f32(v[src + c]);
-                }
-            }
+        if let Some(r) = &plan.resize {
+            self.emu_resize(old_cap, r);
         }
-        self.store.finish_append(&plan, &counts).unwrap();
+        self.store.finish_compress(&plan, &counts).unwrap();
     }
 
     /// gear.cu: compress_part, sequentially.
-    fn emu_compress(&mut self, job: &KvQCompressJob, part: usize, input: &[f32], b0: &[f32], n_tokens: usize, counts: &mut [u32]) {
-        let _ = n_tokens;
+    fn emu_compress(&mut self, job: &KvQCompressJob, part: usize, buf_cap: usize, b0: &[f32], counts: &mut [u32]) {
         let s = self.s();
         let blk = &job.blk;
         let p = blk.part[part];
@@ -269,16 +291,7 @@ impl Emu {
         let g = job.head as usize;
         let buf = if part == 0 { &self.buf_k } else { &self.buf_v };
         let levels = ((1u32 << s.bits) - 1) as f32;
-        let mut x: Vec<f32> = (0..n)
-            .map(|e| {
-                let (i, c) = (e / d, e % d);
-                if i < job.n_old as usize {
-                    buf[(g * s.flush + i) * d + c].to_f32()
-                } else {
-                    f16::from_f32(input[((i - job.n_old as usize) * s.n_kv_heads + g) * d + c]).to_f32()
-                }
-            })
-            .collect();
+        let mut x: Vec<f32> = (0..n).map(|e| buf[g * buf_cap * d + e].to_f32()).collect();
         let mut mask = vec![false; n];
         let a = &mut self.arena;
         let k_out = p.n_out as usize;
@@ -449,7 +462,7 @@ impl Emu {
         let hd = t.heads[g];
         let mut out = [vec![0f32; d], vec![0f32; d]];
         if tok >= hd.n_compressed as usize {
-            let row = (g * s.flush + tok - hd.n_compressed as usize) * d;
+            let row = (g * self.store.buf_cap + tok - hd.n_compressed as usize) * d;
             for c in 0..d {
                 out[0][c] = self.buf_k[row + c].to_f32();
                 out[1][c] = self.buf_v[row + c].to_f32();
@@ -523,7 +536,7 @@ impl Emu {
                     factored_chunk(&s, a, b, part, it.row0 as usize + r, if part == 0 { row_group[r] } else { 0 }, out_start[part][r], out_start[part][r + 1], ck)
                 } else {
                     let bf = if part == 0 { &self.buf_k } else { &self.buf_v };
-                    let at = (g * s.flush + it.row0 as usize + r) * d + ck * CHUNK;
+                    let at = (g * self.store.buf_cap + it.row0 as usize + r) * d + ck * CHUNK;
                     std::array::from_fn(|i| bf[at + i].to_f32())
                 }
             };
@@ -611,7 +624,7 @@ impl Emu {
                     }
                     None => {
                         let bf = if part == 0 { &self.buf_k } else { &self.buf_v };
-                        (0..d).map(|c| bf[(g * s.flush + row) * d + c].to_f32()).collect()
+                        (0..d).map(|c| bf[(g * self.store.buf_cap + row) * d + c].to_f32()).collect()
                     }
                 }
             })
@@ -820,7 +833,7 @@ mod tests {
             layer.mass[g] = vec![0.0; layer.codec.len(g)];
         }
         let mut want = vec![0f32; q.len()];
-        layer.attention(&q, n_tokens, n_heads, &mut want, &mut Vec::new());
+        layer.attention(&q, n_tokens, n_heads, &mut want);
         let mut mass = vec![0f32; heads * stride];
         let got = if n_tokens == 1 { emu.attention_decode(&q, n_heads, Some((&mut mass, stride))) } else { emu.attention_prefill(&q, n_tokens, n_heads, Some((&mut mass, stride))) };
         close(&got, &want, ATTN_ATOL, &format!("{what}: attention out ({n_tokens} queries)"));
@@ -842,58 +855,63 @@ mod tests {
         }
     }
 
-    /// A prompt, decode steps across several compressions, evictions that leave the heads at
-    /// different lengths, more decoding: storage, bytes and attention after each phase.
+    /// One step as StrategyLayer runs it: append, attention (checked when `check`), evictions of
+    /// `evict[g]` (indices into head g), compress_due (a prompt block when `prompt`).
+    #[allow(clippy::too_many_arguments)]
+    fn step(emu: &mut Emu, layer: &mut StrategyLayer, rng: &mut Rng, c: &Case, n: usize, prompt: bool, check: bool, evict: &dyn Fn(usize, usize, &mut Rng) -> Vec<usize>, what: &str) {
+        let row = c.heads * c.d;
+        let (k, v) = (kv(rng, n * row), kv(rng, n * row));
+        layer.append(&k, &v, n).unwrap();
+        emu.append(&k, &v, n);
+        if check {
+            check_attention(emu, layer, rng, n, c.n_heads, c.heads, c.d, what);
+        }
+        for g in 0..c.heads {
+            let idx = evict(g, layer.codec.len(g), rng);
+            if !idx.is_empty() {
+                layer.codec.evict(g, &idx).unwrap();
+                emu.store.evict(g, &idx).unwrap();
+            }
+        }
+        assert_eq!(emu.bytes(), layer.codec.bytes(), "{what}: bytes after the step's evictions");
+        layer.codec.compress_due(prompt).unwrap();
+        emu.compress_due(prompt);
+    }
+
+    /// A prompt, decode steps across several compressions, evictions (in blocks and in the
+    /// buffer, before the step's compression) that leave the heads at different lengths, more
+    /// decoding, a multi-token step: storage, bytes and attention after each phase.
     #[test]
     fn emulated_kernels_match_the_cpu_codec() {
         let seed = Rng::seed_from_time();
         let mut rng = Rng::new(seed);
+        let none = |_: usize, _: usize, _: &mut Rng| Vec::new();
         for (ci, c) in cases().into_iter().enumerate() {
             for &prompt in &[1usize, 16, 37] {
                 let what = format!("seed {seed} case {ci} {} {:?} d {} prompt {prompt}", c.codec, c.params, c.d);
                 let cap = 200;
                 let mut layer = StrategyLayer::new(&spec(&c, seed), c.heads, c.d, cap, 0).unwrap();
                 let mut emu = Emu::new(c.codec, &c.params, c.heads, c.d, cap, seed);
-                let row = c.heads * c.d;
-                let (k, v) = (kv(&mut rng, prompt * row), kv(&mut rng, prompt * row));
-                layer.append(&k, &v, prompt).unwrap();
-                emu.append(&k, &v, prompt);
+                step(&mut emu, &mut layer, &mut rng, &c, prompt, true, true, &none, &format!("{what} prompt step"));
                 check_storage(&mut emu, layer.codec.as_ref(), c.heads, c.d, &format!("{what} after the prompt"));
-                check_attention(&mut emu, &mut layer, &mut rng, prompt, c.n_heads, c.heads, c.d, &what);
-                for step in 0..40 {
-                    let (k, v) = (kv(&mut rng, row), kv(&mut rng, row));
-                    layer.append(&k, &v, 1).unwrap();
-                    emu.append(&k, &v, 1);
-                    if step % 13 == 0 {
-                        check_attention(&mut emu, &mut layer, &mut rng, 1, c.n_heads, c.heads, c.d, &format!("{what} step {step}"));
-                    }
+                for i in 0..40 {
+                    step(&mut emu, &mut layer, &mut rng, &c, 1, false, i % 13 == 0, &none, &format!("{what} step {i}"));
                 }
                 check_storage(&mut emu, layer.codec.as_ref(), c.heads, c.d, &format!("{what} after decoding"));
-                for g in 0..c.heads {
-                    let len = layer.codec.len(g);
+                let random = |g: usize, len: usize, rng: &mut Rng| -> Vec<usize> {
                     let mut idx: Vec<usize> = (0..len).filter(|_| rng.below(3 + g as u64) == 0).collect();
                     idx.truncate(len - 1);
-                    layer.codec.evict(g, &idx).unwrap();
-                    emu.store.evict(g, &idx).unwrap();
-                }
-                assert_eq!(emu.bytes(), layer.codec.bytes(), "{what}: bytes right after eviction");
+                    idx
+                };
+                step(&mut emu, &mut layer, &mut rng, &c, 1, false, true, &random, &format!("{what} evicting step"));
                 check_storage(&mut emu, layer.codec.as_ref(), c.heads, c.d, &format!("{what} after eviction"));
                 check_attention(&mut emu, &mut layer, &mut rng, 1, c.n_heads, c.heads, c.d, &format!("{what} after eviction"));
-                for _ in 0..25 {
-                    let (k, v) = (kv(&mut rng, row), kv(&mut rng, row));
-                    layer.append(&k, &v, 1).unwrap();
-                    emu.append(&k, &v, 1);
+                for i in 0..25 {
+                    step(&mut emu, &mut layer, &mut rng, &c, 1, false, false, &none, &format!("{what} step {i} after eviction"));
                 }
-                for g in 0..c.heads {
-                    let idx: Vec<usize> = (0..layer.codec.len(g)).filter(|j| j % 5 == g % 5).collect();
-                    layer.codec.evict(g, &idx).unwrap();
-                    emu.store.evict(g, &idx).unwrap();
-                }
-                let (k, v) = (kv(&mut rng, 3 * row), kv(&mut rng, 3 * row));
-                layer.append(&k, &v, 3).unwrap();
-                emu.append(&k, &v, 3);
+                let every5 = |g: usize, len: usize, _: &mut Rng| -> Vec<usize> { (0..len).filter(|j| j % 5 == g % 5).collect() };
+                step(&mut emu, &mut layer, &mut rng, &c, 3, true, true, &every5, &format!("{what} 3-token step"));
                 check_storage(&mut emu, layer.codec.as_ref(), c.heads, c.d, &format!("{what} at the end"));
-                check_attention(&mut emu, &mut layer, &mut rng, 3, c.n_heads, c.heads, c.d, &format!("{what} at the end"));
                 check_attention(&mut emu, &mut layer, &mut rng, 1, c.n_heads, c.heads, c.d, &format!("{what} at the end"));
             }
         }
@@ -924,6 +942,9 @@ mod tests {
         let mut emu = Emu::new("gear", &p, 2, 32, 128, seed);
         let (k, v) = (kv(&mut rng, 64 * 64), kv(&mut rng, 64 * 64));
         emu.append(&k, &v, 64);
+        assert_eq!(emu.store.buf_cap, 64, "the buffers grow to hold the step");
+        emu.compress_due(true);
+        assert_eq!(emu.store.buf_cap, 16, "and shrink back once it is compressed");
         let top = emu.store.arena.top;
         for g in 0..2 {
             emu.store.evict(g, &(0..48).collect::<Vec<_>>()).unwrap();

@@ -4,9 +4,12 @@
 //! compressed blocks (each with its region of the arena, the layout of its arrays there, which of
 //! its rows survive, its row groups and its outliers per row) and its fp16 buffer rows. Every
 //! operation first changes this picture and returns what the device must do to match it:
-//! - `plan_append`: compression jobs (`KvQCompressJob`, with arena offsets and scratch offsets
-//!   assigned, and the power iteration's start vectors drawn from the CPU codec's seeds) and the
-//!   rows to copy into each head's fp16 buffer;
+//! - `plan_append`: where each head's new rows go in its fp16 buffer (which grows when a step
+//!   brings more tokens than it holds, as a prompt does);
+//! - `plan_compress` (blocked.rs: compress_due): compression jobs (`KvQCompressJob`, with arena
+//!   and scratch offsets assigned, and the power iteration's start vectors drawn from the CPU
+//!   codec's seeds), then the rows left in each buffer moved to its start (the buffer shrinks
+//!   back to `flush` rows);
 //! - `evict`: only the picture (rows leave `keep`); the device catches up at the next
 //!   `plan_flush`, which batches every head's evictions into one gather: the kept pieces of each
 //!   changed block into a scratch buffer, then back to the start of the block's region, whose
@@ -25,7 +28,7 @@ use std::ops::Range;
 use anyhow::{bail, Context, Result};
 
 use super::super::ffi::{
-    KvQBlock, KvQBufferCopy, KvQCompressJob, KvQHead, KvQItem, KvQPart, KvQSegment, KvQShape, KV_Q_BUFFER_BLOCK,
+    KvQBlock, KvQCompressJob, KvQHead, KvQItem, KvQPart, KvQSegment, KvQShape, KV_Q_BUFFER_BLOCK,
     KV_Q_ITEM_ROWS, KV_Q_MAX_HEAD_DIM, KV_Q_SEG_COPY, KV_Q_SEG_IDX16, KV_Q_SEG_IDX32, KV_Q_SPACE_ARENA,
     KV_Q_SPACE_BUF_K, KV_Q_SPACE_BUF_V, KV_Q_SPACE_SCRATCH,
 };
@@ -102,7 +105,7 @@ impl Scheme {
         }
         let tokens = self.capacity.checked_mul(d).context("device KV cache: capacity overflows")?;
         u32_of("capacity * head_dim", tokens)?;
-        u32_of("fp16 buffer bytes", self.n_kv_heads * self.flush * d * 2)?;
+        u32_of("fp16 buffer bytes", self.n_kv_heads * (self.capacity + self.flush) * d * 2)?;
         Ok(())
     }
 
@@ -116,7 +119,8 @@ impl Scheme {
         self.head_dim / g * 4
     }
 
-    pub(crate) fn shape(&self) -> KvQShape {
+    /// The kernels' view, with buffers of `buf_rows` rows a head.
+    pub(crate) fn shape(&self, buf_rows: usize) -> KvQShape {
         KvQShape {
             n_kv_heads: self.n_kv_heads as u32,
             head_dim: self.head_dim as u32,
@@ -125,7 +129,7 @@ impl Scheme {
             k_channel: u32::from(self.k_channel),
             k_group: self.k_group as u32,
             v_group: self.v_group as u32,
-            buf_rows: self.flush as u32,
+            buf_rows: buf_rows as u32,
         }
     }
 }
@@ -238,7 +242,7 @@ impl Block {
     }
 
     /// Outliers of part `p` in the surviving rows. A clean block needs no per-row counts (they
-    /// arrive from the device later, see `finish_append`); a dirty one must have them.
+    /// arrive from the device later, see `finish_compress`); a dirty one must have them.
     fn kept_outliers(&self, p: usize) -> usize {
         if !self.dirty() || self.dev.parts[p].n_out == 0 {
             return self.dev.parts[p].n_out;
@@ -329,10 +333,26 @@ impl ArenaAlloc {
     }
 }
 
+/// New fp16 buffers of `new_cap` rows a head, filled by copying rows of the old ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct BufResize {
+    pub new_cap: usize,
+    /// (head, first old row, first new row, rows), at most one per head.
+    pub copies: Vec<(usize, usize, usize, usize)>,
+}
+
 /// What the device does for an append.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct AppendPlan {
-    pub n_tokens: usize,
+    /// Per head, the buffer row of the append's first token.
+    pub dst0: Vec<u32>,
+    /// The buffers grow first when the rows do not fit.
+    pub resize: Option<BufResize>,
+}
+
+/// What the device does for `compress_due`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CompressPlan {
     /// Compression jobs, in launches (each launch's scratch offsets start at 0).
     pub jobs: Vec<KvQCompressJob>,
     pub launches: Vec<Range<usize>>,
@@ -342,18 +362,16 @@ pub(crate) struct AppendPlan {
     pub b0: Vec<f32>,
     /// u32 outlier counts the jobs write (per job, part and row).
     pub counts_len: usize,
-    /// Per head, the rows of the append that go to its buffer.
-    pub copies: Vec<KvQBufferCopy>,
-    /// Most rows any head copies (the buffer kernel's grid).
-    pub copy_rows: usize,
-    /// Arena bytes needed after the append.
+    /// Arena bytes needed after the compression.
     pub arena_cap: usize,
+    /// After the jobs, the rows left in the buffers move to the start of new buffers.
+    pub resize: Option<BufResize>,
     /// (head, block index) of each job, to record the outlier counts.
     new_blocks: Vec<(usize, usize)>,
 }
 
-impl AppendPlan {
-    /// Whether any job extracts outliers (the executor must download the counts).
+impl CompressPlan {
+    /// Whether any job extracts outliers (their counts per row must reach the host).
     pub(crate) fn has_outliers(&self) -> bool {
         self.jobs.iter().any(|j| j.blk.part[0].n_out > 0 || j.blk.part[1].n_out > 0)
     }
@@ -384,12 +402,25 @@ pub(crate) struct Store {
     pub s: Scheme,
     pub heads: Vec<Head>,
     pub arena: ArenaAlloc,
+    /// Rows a head of the device's fp16 buffers holds: `flush`, more during a step that brought
+    /// more tokens (until its compress_due).
+    pub buf_cap: usize,
 }
 
 impl Store {
     pub(crate) fn new(s: Scheme, arena_cap: usize) -> Result<Store> {
         s.check()?;
-        Ok(Store { s, heads: vec![Head::default(); s.n_kv_heads], arena: ArenaAlloc { cap: align(arena_cap.max(ALIGN)), ..ArenaAlloc::default() } })
+        Ok(Store {
+            s,
+            heads: vec![Head::default(); s.n_kv_heads],
+            arena: ArenaAlloc { cap: align(arena_cap.max(ALIGN)), ..ArenaAlloc::default() },
+            buf_cap: s.flush,
+        })
+    }
+
+    /// The kernels' view of the storage now.
+    pub(crate) fn shape(&self) -> KvQShape {
+        self.s.shape(self.buf_cap)
     }
 
     pub(crate) fn len(&self, g: usize) -> usize {
@@ -421,41 +452,62 @@ impl Store {
 
     /// Device bytes reserved: the arena and both fp16 buffers.
     pub(crate) fn reserved_bytes(&self) -> usize {
-        self.arena.cap + 2 * self.s.n_kv_heads * self.s.flush * self.s.head_dim * 2
+        self.arena.cap + 2 * self.s.n_kv_heads * self.buf_cap * self.s.head_dim * 2
     }
 
-    /// Plans appending `n_tokens` tokens to every head (the store must be clean).
+    /// Plans appending `n_tokens` tokens to every head's buffer (the store must be clean).
     pub(crate) fn plan_append(&mut self, n_tokens: usize) -> Result<AppendPlan> {
         if self.dirty() {
             bail!("device KV cache: plan_append with evictions pending (flush first)");
         }
         let s = self.s;
-        let d = s.head_dim;
         for g in 0..s.n_kv_heads {
             if self.len(g) + n_tokens > s.capacity {
                 bail!("device KV cache: head {g} holds {} tokens, {n_tokens} more exceed its capacity of {}", self.len(g), s.capacity);
             }
         }
-        let mut plan = AppendPlan { n_tokens, ..AppendPlan::default() };
+        let need = self.heads.iter().map(|h| h.buf_rows + n_tokens).max().unwrap_or(0);
+        let resize = (need > self.buf_cap).then(|| BufResize {
+            new_cap: need,
+            copies: self.heads.iter().enumerate().filter(|(_, h)| h.buf_rows > 0).map(|(g, h)| (g, 0, 0, h.buf_rows)).collect(),
+        });
+        if let Some(r) = &resize {
+            self.buf_cap = r.new_cap;
+        }
+        let mut plan = AppendPlan { dst0: Vec::with_capacity(s.n_kv_heads), resize };
+        for head in self.heads.iter_mut() {
+            plan.dst0.push(head.buf_rows as u32);
+            head.buf_rows += n_tokens;
+            head.buf_keep = (0..head.buf_rows as u32).collect();
+        }
+        Ok(plan)
+    }
+
+    /// Plans `compress_due` (the store must be clean): in every head whose buffer holds at least
+    /// `flush` rows, its oldest `floor(n / flush) * flush` become a block (GEAR's rank `rank` for
+    /// a prompt block, `rank_decode` otherwise). When rows had to move (a block left some behind
+    /// it) or the buffers had grown, every head's remaining rows go to the start of new buffers
+    /// of `flush` rows (they all fit: fewer than `flush` remain where a block was made, and a
+    /// head that made none held fewer than `flush`).
+    pub(crate) fn plan_compress(&mut self, prompt: bool) -> Result<CompressPlan> {
+        if self.dirty() {
+            bail!("device KV cache: plan_compress with evictions pending (flush first)");
+        }
+        let s = self.s;
+        let d = s.head_dim;
+        let mut plan = CompressPlan::default();
         let mut cursor = 0usize;
         let mut launch_start = 0usize;
+        // (head, first row left, rows left) for every head.
+        let mut left = Vec::with_capacity(s.n_kv_heads);
         for g in 0..s.n_kv_heads {
             let head = &mut self.heads[g];
-            let n_old = head.buf_rows;
-            let total = n_old + n_tokens;
-            if total < s.flush {
-                plan.copies.push(KvQBufferCopy { t_from: 0, dst0: n_old as u32 });
-                plan.copy_rows = plan.copy_rows.max(n_tokens);
-                head.buf_rows = total;
-                head.buf_keep = (0..total as u32).collect();
+            if head.buf_rows < s.flush {
+                left.push((g, 0, head.buf_rows));
                 continue;
             }
-            let m = total / s.flush * s.flush;
-            let t_from = m - n_old;
-            plan.copies.push(KvQBufferCopy { t_from: t_from as u32, dst0: 0 });
-            plan.copy_rows = plan.copy_rows.max(n_tokens - t_from);
-
-            let rank = s.gear.map_or(0, |gp| if n_tokens > 1 { gp.rank } else { gp.rank_decode });
+            let m = head.buf_rows / s.flush * s.flush;
+            let rank = s.gear.map_or(0, |gp| if prompt { gp.rank } else { gp.rank_decode });
             let n_out = s.gear.map_or(0, |gp| outlier_count(gp.outliers, m * d));
             let idx_bytes = index_bytes(m * d);
             let groups: Vec<u32> = if s.k_channel {
@@ -498,12 +550,10 @@ impl Store {
             plan.counts_len += 2 * m;
 
             let block = Block { off, cap: lay.size, dev: lay, keep: (0..m as u32).collect(), groups, row_out: [Vec::new(), Vec::new()] };
-            let first_token = head.n_compressed();
-            let desc = block_desc(&block, first_token, 0)?;
+            let desc = block_desc(&block, head.n_compressed(), 0)?;
             plan.jobs.push(KvQCompressJob {
                 blk: desc,
                 head: g as u32,
-                n_old: n_old as u32,
                 iters: s.gear.map_or(0, |gp| gp.iters) as u32,
                 b0: u32_of("start vectors", b0)?,
                 x,
@@ -514,21 +564,30 @@ impl Store {
             });
             plan.new_blocks.push((g, head.blocks.len()));
             head.blocks.push(block);
-            head.buf_rows = total - m;
-            head.buf_keep = (0..(total - m) as u32).collect();
+            left.push((g, m, head.buf_rows - m));
         }
         if launch_start < plan.jobs.len() {
             plan.launches.push(launch_start..plan.jobs.len());
         }
         u32_of("outlier counts", plan.counts_len)?;
         plan.arena_cap = self.arena.cap;
+        let moved = left.iter().any(|&(_, r0, n)| r0 > 0 && n > 0);
+        if moved || self.buf_cap > s.flush {
+            plan.resize = Some(BufResize { new_cap: s.flush, copies: left.iter().filter(|l| l.2 > 0).map(|&(g, r0, n)| (g, r0, 0, n)).collect() });
+            self.buf_cap = s.flush;
+        }
+        for (g, _, n) in left {
+            let head = &mut self.heads[g];
+            head.buf_rows = n;
+            head.buf_keep = (0..n as u32).collect();
+        }
         Ok(plan)
     }
 
     /// Records the outliers per row the compression jobs counted (`counts`, `counts_len` u32).
     /// Only eviction needs them, so the executor may call this late, but before any `evict`
     /// (blocks keep their indices until a flush, and only an eviction leads to a flush).
-    pub(crate) fn finish_append(&mut self, plan: &AppendPlan, counts: &[u32]) -> Result<()> {
+    pub(crate) fn finish_compress(&mut self, plan: &CompressPlan, counts: &[u32]) -> Result<()> {
         for (job, &(g, bi)) in plan.jobs.iter().zip(&plan.new_blocks) {
             let blk = &mut self.heads[g].blocks[bi];
             let m = blk.dev.n_rows;
@@ -669,9 +728,9 @@ impl Store {
                 for (space, base) in [(KV_Q_SPACE_BUF_K, 0usize), (KV_Q_SPACE_BUF_V, 1)] {
                     let sbase = sc + base * align(n * row);
                     for (r0, k0, len) in runs_of(&head.buf_keep) {
-                        push_copy(&mut plan.gather, (space, (g * s.flush + r0) * row), (KV_Q_SPACE_SCRATCH, sbase + k0 * row), len * row)?;
+                        push_copy(&mut plan.gather, (space, (g * self.buf_cap + r0) * row), (KV_Q_SPACE_SCRATCH, sbase + k0 * row), len * row)?;
                     }
-                    push_copy(&mut plan.back, (KV_Q_SPACE_SCRATCH, sbase), (space, g * s.flush * row), n * row)?;
+                    push_copy(&mut plan.back, (KV_Q_SPACE_SCRATCH, sbase), (space, g * self.buf_cap * row), n * row)?;
                 }
                 sc += 2 * align(n * row);
                 head.buf_rows = n;
