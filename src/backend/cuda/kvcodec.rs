@@ -71,6 +71,16 @@ fn arena_estimate(s: &Scheme) -> usize {
     s.n_kv_heads * prompt.max(decode)
 }
 
+/// Device bytes one layer's codec reserves for `capacity` tokens a head: its arena as reserved
+/// up front (`arena_estimate`) and its fp16 buffers of `flush` rows. On top of this, a step of
+/// `n` tokens grows that layer's buffers by `2 n_kv_heads n head_dim` f16 until its compress_due,
+/// and compression uses up to 64 MiB of the runtime's shared scratch.
+pub fn reserved_bytes_for(name: &str, params: &CodecParams, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<usize> {
+    let s = scheme_of(name, params, n_kv_heads, head_dim, capacity, 0)?;
+    s.check()?;
+    Ok(Store::new(s, arena_estimate(&s))?.reserved_bytes())
+}
+
 /// Codec `name` ("uniform", "group" or "gear", with the CPU codec's parameters and defaults) for
 /// `n_kv_heads` heads of `head_dim`, at most `capacity` tokens a head; `seed` seeds GEAR's power
 /// iteration as `make_codec`'s does (pass the same per-layer seed to get the same factors).

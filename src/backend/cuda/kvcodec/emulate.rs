@@ -933,6 +933,30 @@ mod tests {
         assert!(cpu.describe().starts_with("gear("));
     }
 
+    /// The arena reserved up front holds a full context made by a prompt step and decoding,
+    /// for each codec: no growth in the common case.
+    #[test]
+    fn the_reservation_holds_a_full_context() {
+        let mut rng = Rng::new(3);
+        for c in cases() {
+            for prompt in [1usize, 100] {
+                let cap = 160;
+                let mut emu = Emu::new(c.codec, &c.params, c.heads, c.d, cap, 1);
+                let reserved = emu.store.arena.cap;
+                let row = c.heads * c.d;
+                emu.append(&kv(&mut rng, prompt * row), &kv(&mut rng, prompt * row), prompt);
+                emu.compress_due(true);
+                for _ in prompt..cap {
+                    emu.append(&kv(&mut rng, row), &kv(&mut rng, row), 1);
+                    emu.compress_due(false);
+                }
+                assert_eq!(emu.store.arena.cap, reserved, "{} {:?} d {} prompt {prompt}: the arena grew", c.codec, c.params, c.d);
+                let r = super::super::reserved_bytes_for(c.codec, &c.params, c.heads, c.d, cap).unwrap();
+                assert_eq!(r, emu.store.reserved_bytes());
+            }
+        }
+    }
+
     /// A full store frees blocks and its arena space for reuse as tokens are evicted.
     #[test]
     fn eviction_frees_arena_space() {
