@@ -7,7 +7,26 @@
 // into 32 floats in registers with the arithmetic of src/format/quant.rs `dequantize` (products
 // rounded before sums, __fmul_rn/__fadd_rn, so the values are bit-identical to the CPU's).
 //
-// kv_gemv_<type>_t1 / _t4 (decode; reference: backend::cpu::reference::matmul)
+// kv_gemv_<type>_t1 / _t4 for the quantized types (decode; reference: reference::matmul on x
+//   quantized as below, quant.rs q8_roundtrip): y[t, r] = sum_c W[r, c] q8(x)[t, c] for up to
+//   1 / KV_GEMV_MAX_TOKENS tokens. Integer dot products, as llama.cpp's mmvq does:
+//   - Prologue: the block quantizes its tokens' x into dynamic shared memory, one thread per 32
+//     values: codes q = rint(x * (127 / amax)) (int8, [n_tokens, n_cols]) and a KvQ8Sum {d =
+//     f16(amax / 127), sum of q} per 32 ([n_tokens, n_cols / 32]); the CPU fast backend's
+//     quantize_q8. One __syncthreads, none in the main loop.
+//   - Block: KV_GEMV_Q8_WARPS warps; warp w owns KV_GEMV_Q8_ROWS_PER_WARP consecutive rows. A
+//     row is cut into lane units (LU): one block for the 32-element types, a quarter super-block
+//     (two 32-element sub-blocks) for the K-quants, so a 4096-column row gives every lane work.
+//     Lane l takes LUs l, l + 32, ...; per step it issues the loads of Q8Gemv<T>::unroll LUs for
+//     each of its warp's rows (all independent, straight into registers: 16-byte loads where the
+//     block is 16-byte aligned (q4_K, q5_K), 8-byte for q5_1, 4-byte otherwise, funnel-shifted
+//     for the 2-byte aligned types), then dots each LU with x: nibbles/bits unpacked to bytes,
+//     __dp4a against the int8 codes (two 16-byte shared loads per 32 values), the integer sum
+//     scaled by the weight's and x's scales in f32 (the offset of q4_0 / q5_0 through x's code
+//     sum, the minimum of q4_1 / q5_1 / K-quants through d * sum). f32 per-lane sums, one
+//     warp_sum per (row, token).
+//   The emulation test in src/backend/cuda/quant.rs replays each type's LU on the host.
+// kv_gemv_<type>_t1 / _t4 for f32, f16, bf16 (decode; reference: reference::matmul)
 //   y[t, r] = sum_c W[r, c] x[t, c] for up to 1 / KV_GEMV_MAX_TOKENS tokens.
 //   Block: KV_GEMV_WARPS warps; warp w owns KV_GEMV_ROWS_PER_WARP consecutive rows. A row is
 //   walked in chunks of whole blocks of at most KV_GEMV_CHUNK_BYTES; each chunk is copied to
@@ -386,6 +405,429 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ w, const float*
     }
 }
 
+// ---- Integer GEMV of the quantized types (see the header comment) ----
+
+// n 32-bit words of the bytes at p, which is only 2-byte aligned: aligned loads of the n + 1 words
+// around them, funnel-shifted by 0 or 16 bits. Reads up to 4 bytes past p + 4n (the weight
+// allocation's padding covers the last block).
+template <int N> __device__ __forceinline__ void ld_words_2(const uint8_t* p, uint32_t* out) {
+    const uint32_t* a = reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(p) & ~static_cast<uintptr_t>(3));
+    const uint32_t sh = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p) & 2) * 8;
+    uint32_t v[N + 1];
+#pragma unroll
+    for (int i = 0; i <= N; ++i) v[i] = __ldg(a + i);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = __funnelshift_r(v[i], v[i + 1], sh);
+}
+// n words at a 4-byte aligned p.
+template <int N> __device__ __forceinline__ void ld_words_4(const uint8_t* p, uint32_t* out) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = __ldg(reinterpret_cast<const uint32_t*>(p) + i);
+}
+// n words at a 16-byte aligned p.
+template <int N> __device__ __forceinline__ void ld_words_16(const uint8_t* p, uint32_t* out) {
+    static_assert(N % 4 == 0, "whole 16-byte pieces");
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+        out[4 * i] = v.x;
+        out[4 * i + 1] = v.y;
+        out[4 * i + 2] = v.z;
+        out[4 * i + 3] = v.w;
+    }
+}
+__device__ __forceinline__ float half_bits(uint32_t h) { return __half2float(__ushort_as_half(static_cast<unsigned short>(h))); }
+// Byte i (0..11, runtime) of the 12 bytes held little-endian in s0, s1, s2.
+__device__ __forceinline__ uint32_t byte_of3(uint32_t s0, uint32_t s1, uint32_t s2, uint32_t i) {
+    const uint32_t w = i < 4 ? s0 : (i < 8 ? s1 : s2);
+    return (w >> (8 * (i & 3))) & 0xFF;
+}
+// The 6-bit scale and min of sub-block j (runtime) of a q4_K / q5_K block, from its 12 scale
+// bytes in s0..s2 (quant.rs scale_min_k4).
+__device__ __forceinline__ void scale_min_k4_words(uint32_t j, uint32_t s0, uint32_t s1, uint32_t s2, int& sc, int& m) {
+    if (j < 4) {
+        sc = static_cast<int>(byte_of3(s0, s1, s2, j) & 63);
+        m = static_cast<int>(byte_of3(s0, s1, s2, j + 4) & 63);
+    } else {
+        const uint32_t hi = byte_of3(s0, s1, s2, j + 4);
+        sc = static_cast<int>((hi & 0x0F) | ((byte_of3(s0, s1, s2, j - 4) >> 6) << 4));
+        m = static_cast<int>((hi >> 4) | ((byte_of3(s0, s1, s2, j) >> 6) << 4));
+    }
+}
+// Bit i of each nibble-group of h (i = 0..3 of the low 4 bits) moved to bit 4 of byte i.
+__device__ __forceinline__ uint32_t spread4(uint32_t h) {
+    return ((h << 4) & 0x10u) | ((h << 11) & 0x1000u) | ((h << 18) & 0x100000u) | ((h << 25) & 0x10000000u);
+}
+
+// The eight int8x4 words of 32-block b of a quantized token row in shared memory.
+__device__ __forceinline__ void x_words(const int8_t* xq, uint32_t b, int* xi) {
+    const int4* p = reinterpret_cast<const int4*>(xq + 32 * b);
+    const int4 a = p[0];
+    const int4 c = p[1];
+    xi[0] = a.x; xi[1] = a.y; xi[2] = a.z; xi[3] = a.w;
+    xi[4] = c.x; xi[5] = c.y; xi[6] = c.z; xi[7] = c.w;
+}
+
+// Per type: what a lane loads for one "lane unit" (LU) of a row, how, and its dot product with
+// the quantized activation. A legacy block type's LU is one block (32 columns); a K-quant's LU is
+// two of its eight 32-column sub-blocks (64 columns, a quarter of a super-block), so that a
+// 4096-column row keeps all 32 lanes busy.
+template <int TYPE> struct Q8Gemv;
+
+// q4_0, 18 bytes (2-byte aligned): d f16, 16 bytes of nibbles; element i low nibble of qs[i],
+// element i + 16 high nibble. w = d (q - 8).
+template <> struct Q8Gemv<KV_TYPE_Q4_0> {
+    static constexpr int lu_units = 1, unroll = 2;
+    struct Loaded { uint32_t d, qs[4]; };
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t lu, Loaded& l) {
+        const uint8_t* b = row + 18 * static_cast<size_t>(lu);
+        l.d = ld_u16(b);
+        ld_words_2<4>(b + 2, l.qs);
+    }
+    static __device__ __forceinline__ float dot(const Loaded& l, const int8_t* xq, const KvQ8Sum* xs, uint32_t lu) {
+        int xi[8];
+        x_words(xq, lu, xi);
+        int s = 0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            s = __dp4a(static_cast<int>(l.qs[k] & 0x0F0F0F0Fu), xi[k], s);
+            s = __dp4a(static_cast<int>((l.qs[k] >> 4) & 0x0F0F0F0Fu), xi[k + 4], s);
+        }
+        const KvQ8Sum x = xs[lu];
+        return half_bits(l.d) * (x.d * static_cast<float>(s - 8 * x.sum));
+    }
+};
+
+// q4_1, 20 bytes (4-byte aligned): d, m f16, nibbles as q4_0. w = d q + m.
+template <> struct Q8Gemv<KV_TYPE_Q4_1> {
+    static constexpr int lu_units = 1, unroll = 2;
+    struct Loaded { uint32_t dm, qs[4]; };
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t lu, Loaded& l) {
+        const uint8_t* b = row + 20 * static_cast<size_t>(lu);
+        uint32_t v[5];
+        ld_words_4<5>(b, v);
+        l.dm = v[0];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) l.qs[k] = v[k + 1];
+    }
+    static __device__ __forceinline__ float dot(const Loaded& l, const int8_t* xq, const KvQ8Sum* xs, uint32_t lu) {
+        int xi[8];
+        x_words(xq, lu, xi);
+        int s = 0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            s = __dp4a(static_cast<int>(l.qs[k] & 0x0F0F0F0Fu), xi[k], s);
+            s = __dp4a(static_cast<int>((l.qs[k] >> 4) & 0x0F0F0F0Fu), xi[k + 4], s);
+        }
+        const KvQ8Sum x = xs[lu];
+        return half_bits(l.dm) * (x.d * static_cast<float>(s)) + half_bits(l.dm >> 16) * (x.d * static_cast<float>(x.sum));
+    }
+};
+
+// The sum over a 32-block of q5 codes (nibbles of qs plus the fifth bit from qh) times x codes.
+__device__ __forceinline__ int dot_q5(const uint32_t* qs, uint32_t qh, const int* xi) {
+    int s = 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const uint32_t lo = (qs[k] & 0x0F0F0F0Fu) | spread4(qh >> (4 * k));
+        const uint32_t hi = ((qs[k] >> 4) & 0x0F0F0F0Fu) | spread4(qh >> (4 * k + 16));
+        s = __dp4a(static_cast<int>(lo), xi[k], s);
+        s = __dp4a(static_cast<int>(hi), xi[k + 4], s);
+    }
+    return s;
+}
+
+// q5_0, 22 bytes (2-byte aligned): d f16, qh u32 (bit j = fifth bit of element j), nibbles as
+// q4_0. w = d (q - 16).
+template <> struct Q8Gemv<KV_TYPE_Q5_0> {
+    static constexpr int lu_units = 1, unroll = 2;
+    struct Loaded { uint32_t d, qh, qs[4]; };
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t lu, Loaded& l) {
+        const uint8_t* b = row + 22 * static_cast<size_t>(lu);
+        uint32_t v[5];
+        l.d = ld_u16(b);
+        ld_words_2<5>(b + 2, v);
+        l.qh = v[0];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) l.qs[k] = v[k + 1];
+    }
+    static __device__ __forceinline__ float dot(const Loaded& l, const int8_t* xq, const KvQ8Sum* xs, uint32_t lu) {
+        int xi[8];
+        x_words(xq, lu, xi);
+        const int s = dot_q5(l.qs, l.qh, xi);
+        const KvQ8Sum x = xs[lu];
+        return half_bits(l.d) * (x.d * static_cast<float>(s - 16 * x.sum));
+    }
+};
+
+// q5_1, 24 bytes (8-byte aligned): d, m f16, qh u32, nibbles. w = d q + m.
+template <> struct Q8Gemv<KV_TYPE_Q5_1> {
+    static constexpr int lu_units = 1, unroll = 2;
+    struct Loaded { uint32_t dm, qh, qs[4]; };
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t lu, Loaded& l) {
+        const uint2* b = reinterpret_cast<const uint2*>(row + 24 * static_cast<size_t>(lu));
+        const uint2 a = __ldg(b), c = __ldg(b + 1), e = __ldg(b + 2);
+        l.dm = a.x;
+        l.qh = a.y;
+        l.qs[0] = c.x; l.qs[1] = c.y; l.qs[2] = e.x; l.qs[3] = e.y;
+    }
+    static __device__ __forceinline__ float dot(const Loaded& l, const int8_t* xq, const KvQ8Sum* xs, uint32_t lu) {
+        int xi[8];
+        x_words(xq, lu, xi);
+        const int s = dot_q5(l.qs, l.qh, xi);
+        const KvQ8Sum x = xs[lu];
+        return half_bits(l.dm) * (x.d * static_cast<float>(s)) + half_bits(l.dm >> 16) * (x.d * static_cast<float>(x.sum));
+    }
+};
+
+// q8_0, 34 bytes (2-byte aligned): d f16, 32 int8 codes. w = d q.
+template <> struct Q8Gemv<KV_TYPE_Q8_0> {
+    static constexpr int lu_units = 1, unroll = 2;
+    struct Loaded { uint32_t d, qs[8]; };
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t lu, Loaded& l) {
+        const uint8_t* b = row + 34 * static_cast<size_t>(lu);
+        l.d = ld_u16(b);
+        ld_words_2<8>(b + 2, l.qs);
+    }
+    static __device__ __forceinline__ float dot(const Loaded& l, const int8_t* xq, const KvQ8Sum* xs, uint32_t lu) {
+        int xi[8];
+        x_words(xq, lu, xi);
+        int s = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) s = __dp4a(static_cast<int>(l.qs[k]), xi[k], s);
+        return half_bits(l.d) * (xs[lu].d * static_cast<float>(s));
+    }
+};
+
+// q4_K, 144 bytes (16-byte aligned). LU c (0..3) of super-block g: sub-blocks 2c (low nibbles of
+// qs[32c..32c+32]) and 2c + 1 (high nibbles); x blocks 8g + 2c and 8g + 2c + 1.
+// w = d sc q - dmin m per sub-block.
+template <> struct Q8Gemv<KV_TYPE_Q4_K> {
+    static constexpr int lu_units = 2, unroll = 2;
+    struct Loaded { uint32_t head[4], qs[8]; };
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t lu, Loaded& l) {
+        const uint8_t* b = row + 144 * static_cast<size_t>(lu / 4);
+        ld_words_16<4>(b, l.head);
+        ld_words_16<8>(b + 16 + 32 * (lu % 4), l.qs);
+    }
+    static __device__ __forceinline__ float dot(const Loaded& l, const int8_t* xq, const KvQ8Sum* xs, uint32_t lu) {
+        const uint32_t c = lu % 4;
+        const uint32_t b0 = 8 * (lu / 4) + 2 * c;
+        int sc0, m0, sc1, m1;
+        scale_min_k4_words(2 * c, l.head[1], l.head[2], l.head[3], sc0, m0);
+        scale_min_k4_words(2 * c + 1, l.head[1], l.head[2], l.head[3], sc1, m1);
+        int x0[8], x1[8];
+        x_words(xq, b0, x0);
+        x_words(xq, b0 + 1, x1);
+        int s0 = 0, s1 = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            s0 = __dp4a(static_cast<int>(l.qs[k] & 0x0F0F0F0Fu), x0[k], s0);
+            s1 = __dp4a(static_cast<int>((l.qs[k] >> 4) & 0x0F0F0F0Fu), x1[k], s1);
+        }
+        const KvQ8Sum a = xs[b0], e = xs[b0 + 1];
+        const float dot_sc = a.d * static_cast<float>(sc0 * s0) + e.d * static_cast<float>(sc1 * s1);
+        const float dot_m = a.d * static_cast<float>(m0 * a.sum) + e.d * static_cast<float>(m1 * e.sum);
+        return half_bits(l.head[0]) * dot_sc - half_bits(l.head[0] >> 16) * dot_m;
+    }
+};
+
+// q5_K, 176 bytes (16-byte aligned): as q4_K with qs at 48 and the fifth bit of element l of
+// sub-block s in bit s of qh[l] (qh at 16..48).
+template <> struct Q8Gemv<KV_TYPE_Q5_K> {
+    static constexpr int lu_units = 2, unroll = 2;
+    struct Loaded { uint32_t head[4], qh[8], qs[8]; };
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t lu, Loaded& l) {
+        const uint8_t* b = row + 176 * static_cast<size_t>(lu / 4);
+        ld_words_16<4>(b, l.head);
+        ld_words_16<8>(b + 16, l.qh);
+        ld_words_16<8>(b + 48 + 32 * (lu % 4), l.qs);
+    }
+    static __device__ __forceinline__ float dot(const Loaded& l, const int8_t* xq, const KvQ8Sum* xs, uint32_t lu) {
+        const uint32_t c = lu % 4;
+        const uint32_t b0 = 8 * (lu / 4) + 2 * c;
+        int sc0, m0, sc1, m1;
+        scale_min_k4_words(2 * c, l.head[1], l.head[2], l.head[3], sc0, m0);
+        scale_min_k4_words(2 * c + 1, l.head[1], l.head[2], l.head[3], sc1, m1);
+        int x0[8], x1[8];
+        x_words(xq, b0, x0);
+        x_words(xq, b0 + 1, x1);
+        int s0 = 0, s1 = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const uint32_t lo = (l.qs[k] & 0x0F0F0F0Fu) | (((l.qh[k] >> (2 * c)) & 0x01010101u) << 4);
+            const uint32_t hi = ((l.qs[k] >> 4) & 0x0F0F0F0Fu) | (((l.qh[k] >> (2 * c + 1)) & 0x01010101u) << 4);
+            s0 = __dp4a(static_cast<int>(lo), x0[k], s0);
+            s1 = __dp4a(static_cast<int>(hi), x1[k], s1);
+        }
+        const KvQ8Sum a = xs[b0], e = xs[b0 + 1];
+        const float dot_sc = a.d * static_cast<float>(sc0 * s0) + e.d * static_cast<float>(sc1 * s1);
+        const float dot_m = a.d * static_cast<float>(m0 * a.sum) + e.d * static_cast<float>(m1 * e.sum);
+        return half_bits(l.head[0]) * dot_sc - half_bits(l.head[0] >> 16) * dot_m;
+    }
+};
+
+// q6_K, 210 bytes (2-byte aligned). LU j = 2h + kk (0..3) of super-block g: half h, quarters
+// k = kk and kk + 2, which share ql[64h + 32kk ..+32] (low nibbles for kk, high for kk + 2) and
+// qh[32h ..+32] (bits 2kk and 2kk + 4); sub-block scales scales[8h + 2k] for l < 16 and
+// scales[8h + 2k + 1] for l >= 16; x blocks 8g + 4h + k. w = d sc (q - 32).
+template <> struct Q8Gemv<KV_TYPE_Q6_K> {
+    static constexpr int lu_units = 2, unroll = 1;
+    struct Loaded { uint32_t d, sc[2], ql[8], qh[8]; };
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t lu, Loaded& l) {
+        const uint8_t* b = row + 210 * static_cast<size_t>(lu / 4);
+        const uint32_t j = lu % 4;
+        const uint32_t h = j / 2, kk = j % 2;
+        ld_words_2<8>(b + 64 * h + 32 * kk, l.ql);
+        ld_words_2<8>(b + 128 + 32 * h, l.qh);
+        ld_words_2<2>(b + 192 + 8 * h, l.sc);
+        l.d = ld_u16(b + 208);
+    }
+    static __device__ __forceinline__ float dot(const Loaded& l, const int8_t* xq, const KvQ8Sum* xs, uint32_t lu) {
+        const uint32_t j = lu % 4;
+        const uint32_t h = j / 2, kk = j % 2;
+        const uint32_t b0 = 8 * (lu / 4) + 4 * h + kk;
+        // Scales of quarter kk (bytes 2kk, 2kk + 1 of sc[0]) and kk + 2 (the same bytes of sc[1]).
+        const int sa0 = static_cast<int8_t>((l.sc[0] >> (16 * kk)) & 0xFF);
+        const int sa1 = static_cast<int8_t>((l.sc[0] >> (16 * kk + 8)) & 0xFF);
+        const int sb0 = static_cast<int8_t>((l.sc[1] >> (16 * kk)) & 0xFF);
+        const int sb1 = static_cast<int8_t>((l.sc[1] >> (16 * kk + 8)) & 0xFF);
+        int xa[8], xb[8];
+        x_words(xq, b0, xa);
+        x_words(xq, b0 + 2, xb);
+        int a0 = 0, a1 = 0, c0 = 0, c1 = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const uint32_t qa = (l.ql[k] & 0x0F0F0F0Fu) | (((l.qh[k] >> (2 * kk)) & 0x03030303u) << 4);
+            const uint32_t qb = ((l.ql[k] >> 4) & 0x0F0F0F0Fu) | (((l.qh[k] >> (2 * kk + 4)) & 0x03030303u) << 4);
+            // Codes 0..63 minus 32, per byte: -32..31 as signed bytes.
+            const int va = static_cast<int>(__vsub4(qa, 0x20202020u));
+            const int vb = static_cast<int>(__vsub4(qb, 0x20202020u));
+            if (k < 4) {
+                a0 = __dp4a(va, xa[k], a0);
+                c0 = __dp4a(vb, xb[k], c0);
+            } else {
+                a1 = __dp4a(va, xa[k], a1);
+                c1 = __dp4a(vb, xb[k], c1);
+            }
+        }
+        const float dot = xs[b0].d * static_cast<float>(sa0 * a0 + sa1 * a1) + xs[b0 + 2].d * static_cast<float>(sb0 * c0 + sb1 * c1);
+        return half_bits(l.d) * dot;
+    }
+};
+
+// Quantizes x [n_tokens, n_cols] into shared memory: codes xq [n_tokens, n_cols] and sums xs
+// [n_tokens, n_cols / 32], one thread per 32-block, as the CPU fast backend's quantize_q8 does:
+// q = rint(x * (127 / amax)), d = f16(amax / 127), sum = sum of q.
+__device__ __forceinline__ void quantize_x_q8(const float* __restrict__ x, uint32_t n_cols, uint32_t n_tokens, int8_t* xq, KvQ8Sum* xs) {
+    const uint32_t nb = n_cols / KV_UNIT_ELEMS;
+    for (uint32_t i = threadIdx.x; i < n_tokens * nb; i += blockDim.x) {
+        const uint32_t t = i / nb;
+        const uint32_t b = i % nb;
+        const float4* src = reinterpret_cast<const float4*>(x + static_cast<size_t>(t) * n_cols + KV_UNIT_ELEMS * b);
+        float v[32];
+#pragma unroll
+        for (int g = 0; g < 8; ++g) {
+            const float4 f = __ldg(src + g);
+            v[4 * g] = f.x;
+            v[4 * g + 1] = f.y;
+            v[4 * g + 2] = f.z;
+            v[4 * g + 3] = f.w;
+        }
+        float amax = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 32; ++k) amax = fmaxf(amax, fabsf(v[k]));
+        const float id = amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
+        int sum = 0;
+        uint32_t packed[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            packed[k] = 0;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int q = __float2int_rn(__fmul_rn(v[4 * k + e], id));
+                sum += q;
+                packed[k] |= (static_cast<uint32_t>(q) & 0xFFu) << (8 * e);
+            }
+        }
+        int4* dst = reinterpret_cast<int4*>(xq + static_cast<size_t>(t) * n_cols + KV_UNIT_ELEMS * b);
+        dst[0] = make_int4(packed[0], packed[1], packed[2], packed[3]);
+        dst[1] = make_int4(packed[4], packed[5], packed[6], packed[7]);
+        xs[static_cast<size_t>(t) * nb + b] = KvQ8Sum{__half2float(__float2half_rn(__fdiv_rn(amax, 127.0f))), sum};
+    }
+}
+
+template <int TYPE, int NT>
+__device__ __forceinline__ void gemv_q8(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,
+                                        const KvMatmulParams& p) {
+    using F = Q8Gemv<TYPE>;
+    constexpr int R = KV_GEMV_Q8_ROWS_PER_WARP;
+    constexpr int U = F::unroll;
+    extern __shared__ __align__(16) uint8_t gemv_smem[];
+    const uint32_t n_tokens = p.n_tokens;
+    const uint32_t nb = p.n_cols / KV_UNIT_ELEMS;
+    int8_t* xq = reinterpret_cast<int8_t*>(gemv_smem);
+    KvQ8Sum* xs = reinterpret_cast<KvQ8Sum*>(gemv_smem + static_cast<size_t>(n_tokens) * p.n_cols);
+    quantize_x_q8(x, p.n_cols, n_tokens, xq, xs);
+    __syncthreads();
+
+    const int lane = threadIdx.x % kWarpSize;
+    const int warp = threadIdx.x / kWarpSize;
+    const uint32_t row0 = (blockIdx.x * KV_GEMV_Q8_WARPS + warp) * R;
+    if (row0 >= p.n_rows) {
+        return;
+    }
+    // Rows past the end read row0 again (always in bounds) and are never written.
+    const uint8_t* rows[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        rows[r] = w + static_cast<size_t>(row0 + r < p.n_rows ? row0 + r : row0) * p.row_bytes;
+    }
+    const uint32_t n_lu = nb / F::lu_units;
+    float acc[R][NT];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[r][t] = 0.0f;
+    }
+    for (uint32_t base = 0; base < n_lu; base += U * kWarpSize) {
+        // All loads of this step are issued before any is used; an LU past the row's end loads
+        // the row's last LU again (in bounds, discarded).
+        typename F::Loaded ld[U][R];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const uint32_t lu = min(base + u * kWarpSize + lane, n_lu - 1);
+#pragma unroll
+            for (int r = 0; r < R; ++r) F::load(rows[r], lu, ld[u][r]);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const uint32_t lu = base + u * kWarpSize + lane;
+            if (lu < n_lu) {
+#pragma unroll
+                for (int t = 0; t < NT; ++t) {
+                    if (t < static_cast<int>(n_tokens)) {
+#pragma unroll
+                        for (int r = 0; r < R; ++r) {
+                            acc[r][t] += F::dot(ld[u][r], xq + static_cast<size_t>(t) * p.n_cols, xs + static_cast<size_t>(t) * nb, lu);
+                        }
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            const float s = warp_sum(acc[r][t]);
+            if (lane == 0 && row0 + r < p.n_rows && t < static_cast<int>(n_tokens)) {
+                y[static_cast<size_t>(t) * p.n_rows + row0 + r] = s;
+            }
+        }
+    }
+}
+
 // Tensor-core GEMM over dequantized f16 tiles (see the header comment).
 template <int TYPE>
 __device__ __forceinline__ void gemm(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,
@@ -487,26 +929,32 @@ __device__ __forceinline__ void gemm(const uint8_t* __restrict__ w, const float*
 
 }  // namespace kv
 
-#define KV_QUANT_KERNELS(NAME, TYPE)                                                                        \
-    extern "C" __global__ void __launch_bounds__(KV_GEMV_WARPS * 32)                                       \
+// GEMV kernels: the staged f32 GEMV for the float types, the integer GEMV for the quantized ones.
+#define KV_GEMV_KERNELS(NAME, TYPE, IMPL, THREADS)                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                    \
         kv_gemv_##NAME##_t1(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y, \
                             KvMatmulParams p) {                                                             \
-        kv::gemv<TYPE, 1>(w, x, y, p);                                                                      \
+        kv::IMPL<TYPE, 1>(w, x, y, p);                                                                      \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(KV_GEMV_WARPS * 32)                                       \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                    \
         kv_gemv_##NAME##_t4(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y, \
                             KvMatmulParams p) {                                                             \
-        kv::gemv<TYPE, KV_GEMV_MAX_TOKENS>(w, x, y, p);                                                     \
-    }                                                                                                       \
+        kv::IMPL<TYPE, KV_GEMV_MAX_TOKENS>(w, x, y, p);                                                     \
+    }
+
+#define KV_GEMM_KERNEL(NAME, TYPE)                                                                          \
     extern "C" __global__ void __launch_bounds__(KV_GEMM_THREADS)                                          \
         kv_gemm_##NAME(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,    \
                        KvMatmulParams p) {                                                                  \
         kv::gemm<TYPE>(w, x, y, p);                                                                         \
     }
 
-KV_QUANT_KERNELS(f32, KV_TYPE_F32)
-KV_QUANT_KERNELS(f16, KV_TYPE_F16)
-KV_QUANT_KERNELS(bf16, KV_TYPE_BF16)
+#define KV_FLOAT_KERNELS(NAME, TYPE) KV_GEMV_KERNELS(NAME, TYPE, gemv, KV_GEMV_WARPS * 32) KV_GEMM_KERNEL(NAME, TYPE)
+#define KV_QUANT_KERNELS(NAME, TYPE) KV_GEMV_KERNELS(NAME, TYPE, gemv_q8, KV_GEMV_Q8_WARPS * 32) KV_GEMM_KERNEL(NAME, TYPE)
+
+KV_FLOAT_KERNELS(f32, KV_TYPE_F32)
+KV_FLOAT_KERNELS(f16, KV_TYPE_F16)
+KV_FLOAT_KERNELS(bf16, KV_TYPE_BF16)
 KV_QUANT_KERNELS(q8_0, KV_TYPE_Q8_0)
 KV_QUANT_KERNELS(q4_0, KV_TYPE_Q4_0)
 KV_QUANT_KERNELS(q4_1, KV_TYPE_Q4_1)

@@ -40,6 +40,16 @@
 #define KV_GEMV_CHUNK_BYTES 2048
 /* Staging buffer per row and pipeline stage: a chunk plus the alignment slop at both ends. */
 #define KV_GEMV_STAGE_BYTES (KV_GEMV_CHUNK_BYTES + 32)
+/* Integer GEMV of the quantized types (x quantized to 8 bits in shared memory, dp4a): warps per
+ * block and rows per warp. The block's dynamic shared memory holds, for n tokens, n * n_cols int8
+ * codes followed by n * n_cols / 32 KvQ8Sum. */
+#define KV_GEMV_Q8_WARPS 8
+#define KV_GEMV_Q8_ROWS_PER_WARP 2
+/* One 32-column block of the quantized activation: x[i] ~ d * q[i], sum = sum of the 32 q[i]. */
+typedef struct KvQ8Sum {
+    float d;
+    int32_t sum;
+} KvQ8Sum;
 /* Tokens one GEMV launch handles at most (the wide variant); more go to the GEMM. */
 #define KV_GEMV_MAX_TOKENS 4
 

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod eval;
 pub mod fetch;
 pub mod format;
 pub mod kv;

@@ -94,8 +94,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Download the default model into the cache directory.
-    Fetch,
+    /// Download the default model into the cache directory, or with --dataset an evaluation dataset.
+    Fetch {
+        /// gsm8k, bbh, bbh:TASK,..., or mmlu (several separated by spaces in one quoted argument
+        /// are not accepted: repeat --dataset).
+        #[arg(long)]
+        dataset: Vec<String>,
+        /// Data directory (default: $KVGEAR_DATA, else data/ in the cache directory).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Fetch files that kvgear has no pinned sha256 for, recording their sums in DATA/SHA256SUMS.
+        #[arg(long)]
+        allow_unpinned: bool,
+    },
     /// Write a synthetic GGUF with a named config and seeded random weights.
     Synth(kvgear::synth::SynthArgs),
     /// Measure prefill and decode speed and memory; append a row to results/bench.csv.
@@ -105,6 +116,12 @@ enum Cmd {
     Memory(kvgear::bench::memory::MemoryArgs),
     /// Compare a KV strategy with the fp16 cache: KL, top-1 agreement, perplexity, first difference.
     Compare(kvgear::bench::CompareArgs),
+    /// Run a grid (TOML) of bench, compare or memory points, one CSV row per point; resumable.
+    Sweep(kvgear::bench::sweep::SweepArgs),
+    /// Chart a results CSV as SVG and PNG: scatter (with the Pareto front), line or stacked bars.
+    Plot(kvgear::bench::plot::PlotArgs),
+    /// Accuracy on GSM8K, BBH or MMLU with a KV strategy, and agreement with a baseline run.
+    Eval(kvgear::eval::EvalArgs),
     /// Run every CUDA kernel against the CPU reference on random inputs.
     Selftest {
         /// Seed of the random inputs (default: from the clock; printed).
@@ -119,6 +136,10 @@ enum Cmd {
         /// Timed launches per kernel with --bench.
         #[arg(long, default_value_t = 50)]
         iters: usize,
+        /// Instead of the kernel checks, check that CUDA agrees with the CPU on this model
+        /// (greedy tokens, teacher-forced top-1) for each KV strategy with a CUDA codec.
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
 }
 
@@ -208,7 +229,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(())
         }
-        Cmd::Fetch => {
+        Cmd::Fetch { dataset, data, allow_unpinned } if !dataset.is_empty() => {
+            let dir = kvgear::eval::data::data_dir(data.as_deref())?;
+            let sources = kvgear::fetch::DatasetSources::default();
+            for d in &dataset {
+                for p in kvgear::fetch::fetch_dataset(d, &dir, &sources, allow_unpinned)? {
+                    println!("{}", p.display());
+                }
+            }
+            Ok(())
+        }
+        Cmd::Fetch { data, allow_unpinned, .. } => {
+            if data.is_some() || allow_unpinned {
+                bail!("--data and --allow-unpinned go with --dataset");
+            }
             let p = kvgear::fetch::fetch_default_model()?;
             println!("{}", p.display());
             Ok(())
@@ -216,9 +250,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Synth(a) => kvgear::synth::run(&a),
         Cmd::Bench(a) => kvgear::bench::run(&a),
         Cmd::Compare(a) => kvgear::bench::compare(&a),
+        Cmd::Eval(a) => kvgear::eval::command(&a),
         Cmd::Memory(a) => kvgear::bench::memory::run(&a),
-        Cmd::Selftest { seed, bench, csv, iters } => {
-            let opts = kvgear::backend::cuda::selftest::Options { seed, bench, csv, iters };
+        Cmd::Sweep(a) => kvgear::bench::sweep::run(&a),
+        Cmd::Plot(a) => kvgear::bench::plot::run(&a).map(|files| {
+            for f in files {
+                println!("{}", f.display());
+            }
+        }),
+        Cmd::Selftest { seed, bench, csv, iters, model } => {
+            let opts = kvgear::backend::cuda::selftest::Options { seed, bench, csv, iters, model };
             return kvgear::backend::cuda::selftest::command(&opts);
         }
     };

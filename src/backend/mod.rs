@@ -8,7 +8,7 @@
 pub mod cpu;
 pub mod cuda;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use crate::backend::cpu::reference::RopeParams;
 use crate::bench::memory::MemoryPlan;
@@ -79,6 +79,12 @@ pub trait Backend {
     fn kv_len(&self, layer: &Self::KvLayer) -> usize;
     /// Drops the cached tokens from position `n_tokens` on (a strategy layer only resets to 0).
     fn kv_truncate(&self, layer: &mut Self::KvLayer, n_tokens: usize) -> Result<()>;
+
+    /// An independent copy of one layer's cache, codec and policy state included (a saved prompt
+    /// prefix, restored for each prompt that shares it).
+    fn kv_clone(&self, _layer: &Self::KvLayer) -> Result<Self::KvLayer> {
+        bail!("{} cannot copy its KV cache", self.describe())
+    }
 
     /// Checks, before anything is allocated, that a run needing `plan` fits in the backend's
     /// memory; an error says what does not fit. Host memory is not checked (the default).

@@ -28,11 +28,11 @@ pub struct MemoryArgs {
     /// Sequences in the batch, each with its own cache.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Prompt tokens per forward batch, as the other commands' `--batch` (0: the whole prompt
+    /// Prompt tokens per forward batch, as bench's and the session's `--batch` (0: the whole prompt
     /// in one batch). A compressed or evicting cache treats each batch as a step (see
     /// `kv::strategy`), which sets its block layout and its transient f16 bytes.
     #[arg(long, default_value_t = 64)]
-    pub prefill_batch: usize,
+    pub prompt_batch: usize,
     #[arg(long, default_value = "fp16")]
     pub strategy: String,
     #[arg(long = "kv")]
@@ -43,6 +43,9 @@ pub struct MemoryArgs {
     pub budget: Option<String>,
     #[arg(long)]
     pub json: bool,
+    /// Also append the figures as a row to this CSV.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -54,7 +57,7 @@ pub struct MemoryReport {
     pub ctx: usize,
     pub decode: usize,
     pub batch: usize,
-    pub prefill_batch: usize,
+    pub prompt_batch: usize,
     pub weight_bytes: u64,
     pub kv: KvBytes,
     pub kv_bytes: u64,
@@ -93,8 +96,8 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
 }
 
 /// KV bytes of the whole model (all layers, all sequences).
-fn kv_total(spec: &StrategySpec, cfg: &Config, ctx: usize, decode: usize, batch: usize, prefill_batch: usize) -> Result<KvBytes> {
-    let layer = formula_bytes(spec, cfg.n_kv_heads, cfg.head_dim, ctx, decode, prefill_batch)?;
+fn kv_total(spec: &StrategySpec, cfg: &Config, ctx: usize, decode: usize, batch: usize, prompt_batch: usize) -> Result<KvBytes> {
+    let layer = formula_bytes(spec, cfg.n_kv_heads, cfg.head_dim, ctx, decode, prompt_batch)?;
     let n = (cfg.n_layers * batch) as u64;
     let m = |x: usize| (x as u64 * n) as usize;
     Ok(KvBytes {
@@ -176,7 +179,7 @@ pub fn report(a: &MemoryArgs) -> Result<MemoryReport> {
         let label = if out == ty || tied { ty.name().to_string() } else { format!("{ty} (output {out})") };
         (cfg.clone(), crate::synth::tensor_bytes(&cfg, ty, out, tied)?, label)
     };
-    let step = |ctx: usize| if a.prefill_batch == 0 { ctx } else { a.prefill_batch.min(ctx) };
+    let step = |ctx: usize| if a.prompt_batch == 0 { ctx } else { a.prompt_batch.min(ctx) };
     // One layer's step in f16 before its eviction and compression (nothing for the plain cache).
     let transient = |ctx: usize, batch: usize| -> u64 {
         if spec.is_plain() {
@@ -185,14 +188,14 @@ pub fn report(a: &MemoryArgs) -> Result<MemoryReport> {
             (cfg.kv_bytes_per_token_fp16() / cfg.n_layers * step(ctx) * batch) as u64
         }
     };
-    let kv = kv_total(&spec, &cfg, a.ctx, a.decode, a.batch, a.prefill_batch)?;
+    let kv = kv_total(&spec, &cfg, a.ctx, a.decode, a.batch, a.prompt_batch)?;
     let kv_peak = kv.total() as u64 + transient(a.ctx, a.batch);
     let kv_fp16 = (cfg.kv_bytes_per_token_fp16() * (a.ctx + a.decode) * a.batch) as u64;
     let scratch = scratch_bytes(&cfg, step(a.ctx), a.batch);
     let total = weight_bytes + kv_peak + scratch;
     let budget = a.budget.as_deref().map(parse_bytes).transpose()?;
     let fits = |ctx: usize, batch: usize| -> Result<bool> {
-        let kv = kv_total(&spec, &cfg, ctx, a.decode, batch, a.prefill_batch)?.total() as u64 + transient(ctx, batch);
+        let kv = kv_total(&spec, &cfg, ctx, a.decode, batch, a.prompt_batch)?.total() as u64 + transient(ctx, batch);
         Ok(weight_bytes + kv + scratch_bytes(&cfg, step(ctx), batch) <= budget.unwrap_or(0))
     };
     let (max_ctx, max_batch) = match budget {
@@ -228,12 +231,12 @@ pub fn report(a: &MemoryArgs) -> Result<MemoryReport> {
         ctx: a.ctx,
         decode: a.decode,
         batch: a.batch,
-        prefill_batch: step(a.ctx),
+        prompt_batch: step(a.ctx),
         weight_bytes,
         kv_bytes: kv.total() as u64,
         kv,
         kv_bytes_fp16: kv_fp16,
-        kv_exact: formula_is_exact(&spec, a.ctx, a.decode, a.prefill_batch),
+        kv_exact: formula_is_exact(&spec, a.ctx, a.decode, a.prompt_batch),
         kv_peak_bytes: kv_peak,
         scratch_bytes: scratch,
         total_bytes: total,
@@ -243,8 +246,69 @@ pub fn report(a: &MemoryArgs) -> Result<MemoryReport> {
     })
 }
 
+/// A `MemoryReport` as one flat CSV row (the columns results/README.md documents).
+#[derive(Serialize, Clone, Debug)]
+pub struct MemoryRow {
+    pub config: String,
+    pub weights: String,
+    pub strategy: String,
+    pub params: String,
+    pub ctx: usize,
+    pub decode: usize,
+    pub batch: usize,
+    pub weight_bytes: u64,
+    pub kv_bytes: u64,
+    pub kv_codes: usize,
+    pub kv_scales: usize,
+    pub kv_lowrank: usize,
+    pub kv_outliers: usize,
+    pub kv_fp16: usize,
+    pub kv_policy: usize,
+    pub kv_bytes_fp16: u64,
+    pub compression: f64,
+    pub kv_exact: bool,
+    pub scratch_bytes: u64,
+    pub total_bytes: u64,
+    pub budget_bytes: Option<u64>,
+    pub max_ctx: Option<usize>,
+    pub max_batch: Option<usize>,
+}
+
+impl From<MemoryReport> for MemoryRow {
+    fn from(r: MemoryReport) -> MemoryRow {
+        MemoryRow {
+            config: r.config,
+            weights: r.weights,
+            strategy: r.strategy,
+            params: r.params,
+            ctx: r.ctx,
+            decode: r.decode,
+            batch: r.batch,
+            weight_bytes: r.weight_bytes,
+            kv_bytes: r.kv_bytes,
+            kv_codes: r.kv.codes,
+            kv_scales: r.kv.scales,
+            kv_lowrank: r.kv.lowrank,
+            kv_outliers: r.kv.outliers,
+            kv_fp16: r.kv.fp16,
+            kv_policy: r.kv.policy,
+            kv_bytes_fp16: r.kv_bytes_fp16,
+            compression: r.kv_bytes_fp16 as f64 / r.kv_bytes.max(1) as f64,
+            kv_exact: r.kv_exact,
+            scratch_bytes: r.scratch_bytes,
+            total_bytes: r.total_bytes,
+            budget_bytes: r.budget_bytes,
+            max_ctx: r.max_ctx,
+            max_batch: r.max_batch,
+        }
+    }
+}
+
 pub fn run(a: &MemoryArgs) -> Result<()> {
     let r = report(a)?;
+    if let Some(csv) = &a.csv {
+        super::csvlog::append(csv, &MemoryRow::from(r.clone()))?;
+    }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -272,7 +336,7 @@ pub fn run(a: &MemoryArgs) -> Result<()> {
         mib(r.kv.policy)
     );
     println!("KV peak    {:.3} GiB (with one layer's step in f16 before compression and eviction)", gib(r.kv_peak_bytes));
-    println!("scratch    {:.3} GiB (one {}-token batch of activations)", gib(r.scratch_bytes), r.prefill_batch);
+    println!("scratch    {:.3} GiB (one {}-token batch of activations)", gib(r.scratch_bytes), r.prompt_batch);
     println!("total      {:.3} GiB", gib(r.total_bytes));
     if let (Some(b), Some(c), Some(n)) = (r.budget_bytes, r.max_ctx, r.max_batch) {
         println!("in {:.2} GiB: longest context {c} at batch {}; largest batch {n} at context {}", gib(b), r.batch, r.ctx);

@@ -1,12 +1,16 @@
-//! Measured runs: `bench`, `perplexity`, `info`, `selftest`, and the CSV rows they append.
+//! Measured runs: `bench`, `compare`, `perplexity`, `info`, the `sweep` over them, `plot`, and the
+//! CSV rows they append.
 
 pub mod csvlog;
 pub mod memory;
+pub mod plot;
+pub mod sweep;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::backend::{with_backend, Backend, WithBackend};
@@ -30,7 +34,7 @@ pub struct BenchArgs {
     pub kv: Vec<String>,
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
-    /// `auto` (CUDA when there is a device, else CPU), `cpu` (fast), `cpu-ref`, `cuda` or `cuda:N`.
+    /// `cpu` (fast), `cpu-ref` or `auto`.
     #[arg(long, default_value = "auto")]
     pub device: String,
     #[arg(long, short = 't')]
@@ -38,8 +42,9 @@ pub struct BenchArgs {
     /// Prompt tokens prefilled.
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
-    /// Tokens generated (greedy) after the prompt.
-    #[arg(long, default_value_t = 128)]
+    /// Tokens generated after the prompt (greedy with the fp16 cache; the strategy is fed the same
+    /// tokens).
+    #[arg(long, default_value_t = 256)]
     pub gen_tokens: usize,
     /// Prompt tokens per forward batch.
     #[arg(long, default_value_t = 64)]
@@ -53,9 +58,12 @@ pub struct BenchArgs {
     /// Do not append to the CSV.
     #[arg(long)]
     pub no_csv: bool,
-    /// Print the row as one JSON object.
+    /// Print the row as one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// No progress bar and no table (the row still goes to the CSV).
+    #[arg(long)]
+    pub quiet: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -91,7 +99,14 @@ pub struct BenchRow {
     pub kv_bytes_fp16: usize,
     pub compression: f64,
     pub peak_rss_bytes: u64,
-    /// Device memory in use at the peak of the run (0 on the CPU).
+    pub fp16_prefill_tok_s: f64,
+    pub fp16_decode_tok_s: f64,
+    pub fp16_ttft_ms: f64,
+    pub fp16_peak_rss_bytes: u64,
+    pub compared_tokens: usize,
+    pub top1: f64,
+    pub kl: f64,
+    /// Device memory in use at the peak of the strategy's run (0 on the CPU).
     pub peak_device_bytes: u64,
     /// Device-to-device copy bandwidth measured in the same run, GB/s (0 on the CPU).
     pub copy_gb_s: f64,
@@ -121,33 +136,217 @@ pub fn workload_tokens(model: &Model, n: usize) -> Result<Vec<u32>> {
     Ok(t)
 }
 
-/// Checks that a session of `n_ctx` tokens in batches of `n_batch` under `spec` fits in the
-/// backend's memory before anything is allocated.
-pub fn check_fits<B: Backend>(b: &B, model: &Model, spec: &StrategySpec, n_ctx: usize, n_batch: usize) -> Result<()> {
-    b.check_memory(&memory::device_plan(&model.config, &model.weights, spec, n_ctx, n_batch)?)
+/// A progress bar over `n` steps with rate and ETA, drawn on stderr unless `hidden`.
+pub fn progress_bar(n: u64, unit: &str, hidden: bool) -> ProgressBar {
+    if hidden {
+        return ProgressBar::hidden();
+    }
+    let style = ProgressStyle::with_template(&format!("{{msg}} {{bar:30}} {{pos}}/{{len}} {unit} {{per_sec}} eta {{eta}}"))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    ProgressBar::new(n).with_style(style)
 }
 
-pub fn run(a: &BenchArgs) -> Result<()> {
-    let spec = StrategySpec::parse(&a.strategy, &a.kv, a.seed)?;
-    if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 {
-        bail!("--prompt-tokens, --gen-tokens and --reps must be positive");
-    }
-    if let Some(n) = a.threads {
+/// Sets the global thread pool's size (once per process).
+pub fn setup_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
     }
+    Ok(())
+}
+
+/// `kvgear bench`: loads the model, measures, prints the table (or JSON) and appends the row.
+pub fn run(a: &BenchArgs) -> Result<()> {
+    setup_threads(a.threads)?;
     let path = crate::fetch::resolve_model(a.model.as_deref())?;
     let model = Model::load(&path)?;
-    let row = with_backend(&a.device, BenchJob { a, spec: &spec, model: &model, path: &path })?;
+    let bar = progress_bar(0, "tokens", a.quiet || a.json);
+    let row = bench_row(a, &model, &path, &bar)?;
+    bar.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string(&row)?);
-    } else {
+    } else if !a.quiet {
         print_bench_table(&row);
     }
     if !a.no_csv {
         csvlog::append(&a.csv, &row)?;
-        eprintln!("appended to {}", a.csv.display());
+        if !a.quiet {
+            eprintln!("appended to {}", a.csv.display());
+        }
     }
     Ok(())
+}
+
+/// Sets the peak resident set (VmHWM) back to the current resident set (Linux `clear_refs` 5),
+/// after handing freed heap memory back to the system, so the next phase's peak is its own.
+/// Returns false where this is not possible (the peak then covers the whole process).
+fn reset_peak_rss() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Next-token logits of the fp16 run, kept in an unlinked temporary file rather than in memory,
+/// so they do not count in either run's resident set.
+struct LogitSpill {
+    file: std::fs::File,
+    n_vocab: usize,
+    n_rows: usize,
+}
+
+impl LogitSpill {
+    fn new(n_vocab: usize) -> Result<LogitSpill> {
+        let path = std::env::temp_dir().join(format!("kvgear-logits-{}-{}", std::process::id(), now_nanos()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let _ = std::fs::remove_file(&path);
+        Ok(LogitSpill { file, n_vocab, n_rows: 0 })
+    }
+
+    fn push(&mut self, row: &[f32]) -> Result<()> {
+        use std::io::Write;
+        self.file.write_all(bytemuck::cast_slice(&row[..self.n_vocab])).context("cannot write the fp16 run's logits")?;
+        self.n_rows += 1;
+        Ok(())
+    }
+
+    fn read(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let off = (i * self.n_vocab * 4) as u64;
+        self.file.read_exact_at(bytemuck::cast_slice_mut(&mut out[..self.n_vocab]), off).context("cannot read the fp16 run's logits")?;
+        Ok(())
+    }
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+/// One timed run over the workload: prefill, then `tokens.len()` decode steps.
+struct Phase {
+    prefill_tok_s: Vec<f64>,
+    decode_tok_s: Vec<f64>,
+    ttft_ms: Vec<f64>,
+    peak_rss_bytes: u64,
+    peak_device_bytes: u64,
+    kv: crate::kv::codec::KvBytes,
+    n_past: usize,
+}
+
+/// Runs the workload `reps` times on a fresh session under `spec`. Without `forced`, it decodes
+/// greedily and records the sampled tokens in `generated` and every next-token distribution in
+/// `spill` (first repetition only). With `forced`, the strategy is fed those tokens (teacher
+/// forcing: the same sequence, so the same workload) and each of its next-token distributions
+/// is compared with the fp16 one at the same position: `(compared, top-1 agreements, KL sum)`.
+/// Only the forward calls (and the argmax of the first token for TTFT) are timed.
+#[allow(clippy::too_many_arguments)]
+fn run_phase<B: Backend>(
+    backend: &B,
+    model: &Model,
+    dw: &DeviceWeights<B>,
+    a: &BenchArgs,
+    spec: &crate::kv::strategy::StrategySpec,
+    prompt: &[u32],
+    generated: &mut Vec<u32>,
+    spill: &mut LogitSpill,
+    forced: bool,
+    fidelity: &mut (usize, usize, f64),
+    bar: &ProgressBar,
+) -> Result<Phase> {
+    let n_ctx = a.prompt_tokens + a.gen_tokens;
+    let rss_reset = reset_peak_rss();
+    check_fits(backend, model, spec, n_ctx, a.batch)?;
+    let mut sess = Session::with_strategy(backend, &model.config, dw, n_ctx, a.batch, spec)?;
+    let mut ph = Phase {
+        prefill_tok_s: Vec::new(),
+        decode_tok_s: Vec::new(),
+        ttft_ms: Vec::new(),
+        peak_rss_bytes: 0,
+        peak_device_bytes: 0,
+        kv: Default::default(),
+        n_past: 0,
+    };
+    let mut base = vec![0f32; model.config.n_vocab];
+    for rep in 0..a.reps {
+        let record = rep == 0;
+        sess.truncate(0)?;
+        let t0 = Instant::now();
+        let logits = sess.forward(prompt, Logits::Last)?;
+        let mut next = greedy(logits);
+        let dt = t0.elapsed().as_secs_f64();
+        ph.prefill_tok_s.push(prompt.len() as f64 / dt);
+        ph.ttft_ms.push(dt * 1e3);
+        bar.inc(prompt.len() as u64);
+        if record {
+            if forced {
+                compare_step(spill, &mut base, logits, 0, fidelity)?;
+            } else {
+                generated.clear();
+                generated.push(next);
+                spill.push(logits)?;
+            }
+        }
+        let mut decode_s = 0.0;
+        for i in 1..a.gen_tokens {
+            let input = if forced { generated[i - 1] } else { next };
+            let t = Instant::now();
+            let logits = sess.forward(&[input], Logits::Last)?;
+            decode_s += t.elapsed().as_secs_f64();
+            next = greedy(logits);
+            if record {
+                if forced {
+                    compare_step(spill, &mut base, logits, i, fidelity)?;
+                } else {
+                    generated.push(next);
+                    spill.push(logits)?;
+                }
+            }
+            bar.inc(1);
+        }
+        ph.decode_tok_s.push((a.gen_tokens - 1).max(1) as f64 / decode_s.max(1e-9));
+        ph.kv = sess.kv_bytes();
+        ph.n_past = sess.n_past();
+    }
+    ph.peak_rss_bytes = if rss_reset { peak_rss_bytes() } else { 0 };
+    ph.peak_device_bytes = backend.device_memory_peak().unwrap_or(0) as u64;
+    Ok(ph)
+}
+
+/// Adds the comparison of the strategy's next-token logits `ls` at step `i` with the fp16 run's.
+fn compare_step(spill: &LogitSpill, base: &mut [f32], ls: &[f32], i: usize, fid: &mut (usize, usize, f64)) -> Result<()> {
+    spill.read(i, base)?;
+    let (pb, ps) = (log_softmax(base), log_softmax(ls));
+    fid.2 += pb.iter().zip(&ps).map(|(x, y)| x.exp() * (x - y)).sum::<f64>();
+    fid.1 += usize::from(greedy(base) == greedy(ls));
+    fid.0 += 1;
+    Ok(())
+}
+
+/// `bench`'s measurement on a loaded model: the fp16 cache and then the strategy on the same
+/// workload (the built-in chain-of-thought text to `prompt_tokens`, then `gen_tokens` tokens
+/// decoded greedily by the fp16 cache and fed to the strategy), each from a fresh session with
+/// its own peak resident set. For `--strategy fp16` the one run is both.
+pub fn bench_row(a: &BenchArgs, model: &Model, path: &Path, bar: &ProgressBar) -> Result<BenchRow> {
+    let spec = StrategySpec::parse(&a.strategy, &a.kv, a.seed)?;
+    if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 || a.batch == 0 {
+        bail!("--prompt-tokens, --gen-tokens, --batch and --reps must be positive");
+    }
+    with_backend(&a.device, BenchJob { a, spec: &spec, model, path, bar })
+}
+
+/// Checks that a session of `n_ctx` tokens in batches of `n_batch` under `spec` fits in the
+/// backend's memory before anything is allocated.
+pub fn check_fits<B: Backend>(b: &B, model: &Model, spec: &StrategySpec, n_ctx: usize, n_batch: usize) -> Result<()> {
+    b.check_memory(&memory::device_plan(&model.config, &model.weights, spec, n_ctx, n_batch)?)
 }
 
 struct BenchJob<'a> {
@@ -155,45 +354,43 @@ struct BenchJob<'a> {
     spec: &'a StrategySpec,
     model: &'a Model,
     path: &'a Path,
+    bar: &'a ProgressBar,
 }
 
 impl WithBackend for BenchJob<'_> {
     type Output = BenchRow;
     fn run<B: Backend>(self, backend: &B) -> Result<BenchRow> {
-        bench_on(backend, self.a, self.spec, self.model, self.path)
+        bench_on(backend, self)
     }
 }
 
-fn bench_on<B: Backend>(backend: &B, a: &BenchArgs, spec: &StrategySpec, model: &Model, path: &Path) -> Result<BenchRow> {
+fn bench_on<B: Backend>(backend: &B, job: BenchJob) -> Result<BenchRow> {
+    let BenchJob { a, spec, model, path, bar } = job;
+    let spec = spec.clone();
     let tokens = workload_tokens(model, a.prompt_tokens)?;
-    let n_ctx = a.prompt_tokens + a.gen_tokens;
-    check_fits(backend, model, spec, n_ctx, a.batch)?;
     let dw = DeviceWeights::new(backend, &model.weights)?;
-    let mut sess = Session::with_strategy(backend, &model.config, &dw, n_ctx, a.batch, spec)?;
-    let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
-    let mut kv_bytes = crate::kv::codec::KvBytes::default();
-    for _ in 0..a.reps {
-        sess.truncate(0)?;
-        let t0 = Instant::now();
-        let mut next = greedy(sess.forward(&tokens, Logits::Last)?);
-        let dt = t0.elapsed().as_secs_f64();
-        prefill.push(tokens.len() as f64 / dt);
-        ttft.push(dt * 1e3);
-        let t1 = Instant::now();
-        for _ in 1..a.gen_tokens {
-            next = greedy(sess.forward(&[next], Logits::Last)?);
-        }
-        let dt = t1.elapsed().as_secs_f64();
-        decode.push((a.gen_tokens - 1).max(1) as f64 / dt);
-        kv_bytes = sess.kv_bytes();
-    }
-    let fp16 = model.config.kv_bytes_per_token_fp16() * sess.n_past();
-    let peak_device_bytes = backend.device_memory_peak().unwrap_or(0) as u64;
-    drop(sess);
+    let phases = if spec.is_plain() { 1 } else { 2 };
+    bar.set_length((phases * a.reps * (a.prompt_tokens + a.gen_tokens - 1)) as u64);
+    bar.set_message(format!("bench {}", a.strategy));
+    let mut generated = Vec::with_capacity(a.gen_tokens);
+    let mut spill = LogitSpill::new(model.config.n_vocab)?;
+    let mut fid = (0usize, 0usize, 0.0f64);
+    let fp16_spec = crate::kv::strategy::StrategySpec::fp16();
+    let base = run_phase(backend, model, &dw, a, &fp16_spec, &tokens, &mut generated, &mut spill, false, &mut fid, bar)?;
+    let strat = if spec.is_plain() {
+        fid = (spill.n_rows, spill.n_rows, 0.0);
+        None
+    } else {
+        Some(run_phase(backend, model, &dw, a, &spec, &tokens, &mut generated, &mut spill, true, &mut fid, bar)?)
+    };
+    let s = strat.as_ref().unwrap_or(&base);
+    let kv_bytes = s.kv;
+    drop(dw);
     let copy_gb_s = backend.copy_bandwidth_gb_s()?.unwrap_or(0.0);
     let w = &model.weights;
     let step_bytes = w.matrices().iter().filter(|t| !t.same_data(&w.token_embd) || w.tied_output).map(|t| t.n_bytes()).sum::<usize>()
         + kv_bytes.total();
+    let fp16 = model.config.kv_bytes_per_token_fp16() * s.n_past;
     let (commit, dirty) = git_state();
     Ok(BenchRow {
         timestamp: now_rfc3339(),
@@ -211,9 +408,9 @@ fn bench_on<B: Backend>(backend: &B, a: &BenchArgs, spec: &StrategySpec, model: 
         prompt_tokens: tokens.len(),
         gen_tokens: a.gen_tokens,
         reps: a.reps,
-        prefill_tok_s: median(prefill),
-        decode_tok_s: median(decode),
-        ttft_ms: median(ttft),
+        prefill_tok_s: median(s.prefill_tok_s.clone()),
+        decode_tok_s: median(s.decode_tok_s.clone()),
+        ttft_ms: median(s.ttft_ms.clone()),
         weight_bytes: model.weights.bytes(),
         kv_bytes: kv_bytes.total(),
         kv_codes: kv_bytes.codes,
@@ -224,8 +421,15 @@ fn bench_on<B: Backend>(backend: &B, a: &BenchArgs, spec: &StrategySpec, model: 
         kv_policy: kv_bytes.policy,
         kv_bytes_fp16: fp16,
         compression: fp16 as f64 / kv_bytes.total().max(1) as f64,
-        peak_rss_bytes: peak_rss_bytes(),
-        peak_device_bytes,
+        peak_rss_bytes: s.peak_rss_bytes,
+        fp16_prefill_tok_s: median(base.prefill_tok_s.clone()),
+        fp16_decode_tok_s: median(base.decode_tok_s.clone()),
+        fp16_ttft_ms: median(base.ttft_ms.clone()),
+        fp16_peak_rss_bytes: base.peak_rss_bytes,
+        compared_tokens: fid.0,
+        top1: fid.1 as f64 / fid.0.max(1) as f64,
+        kl: fid.2 / fid.0.max(1) as f64,
+        peak_device_bytes: s.peak_device_bytes,
         copy_gb_s,
         floor_decode_tok_s: if copy_gb_s > 0.0 { copy_gb_s * 1e9 / step_bytes.max(1) as f64 } else { 0.0 },
     })
@@ -235,26 +439,36 @@ fn print_bench_table(r: &BenchRow) {
     let mib = |b: f64| b / (1024.0 * 1024.0);
     println!("model      {}{}", r.model, if r.synthetic { " (synthetic weights)" } else { "" });
     println!("device     {} on {}", r.device, r.machine);
-    println!("strategy   {} {}", r.strategy, r.params);
-    println!("prefill    {:.1} tok/s ({} tokens), time to first token {:.1} ms", r.prefill_tok_s, r.prompt_tokens, r.ttft_ms);
-    println!("decode     {:.1} tok/s ({} tokens)", r.decode_tok_s, r.gen_tokens);
-    println!("weights    {:.1} MiB", mib(r.weight_bytes as f64));
     println!(
-        "KV cache   {:.2} MiB (fp16 would hold {:.2} MiB: compression {:.2}x)",
-        mib(r.kv_bytes as f64),
-        mib(r.kv_bytes_fp16 as f64),
-        r.compression
+        "workload   {} prompt tokens (built-in chain-of-thought text), {} generated (greedy with the fp16 cache, fed to both)",
+        r.prompt_tokens, r.gen_tokens
     );
-    println!(
-        "  by part  codes {:.2}, scales {:.2}, low-rank {:.2}, outliers {:.2}, fp16 {:.2}, policy {:.2} MiB",
-        mib(r.kv_codes as f64),
-        mib(r.kv_scales as f64),
-        mib(r.kv_lowrank as f64),
-        mib(r.kv_outliers as f64),
-        mib(r.kv_fp16 as f64),
-        mib(r.kv_policy as f64)
-    );
-    println!("peak RSS   {:.1} MiB", mib(r.peak_rss_bytes as f64));
+    let name = if r.params.is_empty() { r.strategy.clone() } else { format!("{} {}", r.strategy, r.params) };
+    let w = name.len().max(8);
+    println!("{:<22} {:>w$} {:>w$}", "", "fp16", name);
+    let line = |what: &str, base: String, strat: String| println!("{what:<22} {base:>w$} {strat:>w$}");
+    line("prefill tok/s", format!("{:.1}", r.fp16_prefill_tok_s), format!("{:.1}", r.prefill_tok_s));
+    line("decode tok/s", format!("{:.1}", r.fp16_decode_tok_s), format!("{:.1}", r.decode_tok_s));
+    line("time to first token ms", format!("{:.1}", r.fp16_ttft_ms), format!("{:.1}", r.ttft_ms));
+    line("weights MiB", format!("{:.1}", mib(r.weight_bytes as f64)), format!("{:.1}", mib(r.weight_bytes as f64)));
+    line("KV cache MiB", format!("{:.3}", mib(r.kv_bytes_fp16 as f64)), format!("{:.3}", mib(r.kv_bytes as f64)));
+    let parts = [
+        ("  codes", r.kv_codes),
+        ("  scales", r.kv_scales),
+        ("  low-rank", r.kv_lowrank),
+        ("  outliers", r.kv_outliers),
+        ("  fp16 tokens", r.kv_fp16),
+        ("  policy state", r.kv_policy),
+    ];
+    for (what, b) in parts {
+        let base = if what == "  fp16 tokens" { r.kv_bytes_fp16 } else { 0 };
+        line(what, format!("{:.3}", mib(base as f64)), format!("{:.3}", mib(b as f64)));
+    }
+    line("KV compression", "1.00x".into(), format!("{:.2}x", r.compression));
+    let rss = |b: u64| if b == 0 { "n/a".to_string() } else { format!("{:.1}", mib(b as f64)) };
+    line("peak RSS MiB", rss(r.fp16_peak_rss_bytes), rss(r.peak_rss_bytes));
+    line("top-1 vs fp16", "100.00%".into(), format!("{:.2}%", r.top1 * 100.0));
+    line("KL vs fp16 nats/token", "0".into(), format!("{:.5}", r.kl));
     if r.copy_gb_s > 0.0 {
         println!("device     peak {:.1} MiB in use; copy bandwidth {:.1} GB/s", mib(r.peak_device_bytes as f64), r.copy_gb_s);
         println!(
@@ -298,7 +512,6 @@ pub fn perplexity<B: Backend>(
     if n_chunks == 0 {
         bail!("the text has {} tokens, fewer than one chunk of {ctx}", tokens.len());
     }
-    check_fits(backend, model, &StrategySpec::fp16(), ctx, batch)?;
     let dw = DeviceWeights::new(backend, &model.weights)?;
     let mut sess = Session::new(backend, &model.config, &dw, ctx, batch)?;
     let first = ctx / 2;
@@ -522,11 +735,11 @@ pub struct CompareArgs {
     /// Tokens generated freely (greedy) after the prompt to find the first difference.
     #[arg(long, default_value_t = 64)]
     pub gen: usize,
-    #[arg(long, short = 't')]
-    pub threads: Option<usize>,
     /// `auto` (CUDA when there is a device, else CPU), `cpu` (fast), `cpu-ref`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// CSV the row is appended to.
@@ -534,8 +747,12 @@ pub struct CompareArgs {
     pub csv: PathBuf,
     #[arg(long)]
     pub no_csv: bool,
+    /// Print the row as one JSON object instead of the summary.
     #[arg(long)]
     pub json: bool,
+    /// No progress bar and no summary (the row still goes to the CSV).
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -569,12 +786,35 @@ pub struct CompareRow {
 /// strategy), top-1 agreement, and each cache's perplexity of the actual next tokens. Then both
 /// generate greedily from the prompt, and the tokens before their first difference are counted.
 pub fn compare(a: &CompareArgs) -> Result<()> {
-    if let Some(n) = a.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
-    }
-    let spec = crate::kv::strategy::StrategySpec::parse(&a.strategy, &a.kv, a.seed)?;
+    setup_threads(a.threads)?;
     let path = crate::fetch::resolve_model(a.model.as_deref())?;
     let model = Model::load(&path)?;
+    let bar = progress_bar(0, "tokens", a.quiet || a.json);
+    let row = compare_row(a, &model, &path, &bar)?;
+    bar.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string(&row)?);
+    } else if !a.quiet {
+        println!("strategy   {} {}", row.strategy, row.params);
+        println!("text       {} ({} prompt tokens, {} scored)", row.text, row.prompt_tokens, row.scored_tokens);
+        println!("KL         {:.5} nats/token (from the fp16 cache's distribution)", row.kl);
+        println!("top-1      {:.2}% agreement", row.top1 * 100.0);
+        println!("perplexity {:.4} (fp16 cache {:.4})", row.ppl, row.ppl_fp16);
+        println!("greedy     {} of {} tokens before the first difference", row.tokens_to_first_difference, row.gen_tokens);
+        println!("KV bytes   {} (fp16 {}; compression {:.2}x)", row.kv_bytes, row.kv_bytes_fp16, row.compression);
+    }
+    if !a.no_csv {
+        csvlog::append(&a.csv, &row)?;
+        if !a.quiet {
+            eprintln!("appended to {}", a.csv.display());
+        }
+    }
+    Ok(())
+}
+
+/// `compare`'s measurement on a loaded model (see [`compare`]).
+pub fn compare_row(a: &CompareArgs, model: &Model, path: &Path, bar: &ProgressBar) -> Result<CompareRow> {
+    let spec = crate::kv::strategy::StrategySpec::parse(&a.strategy, &a.kv, a.seed)?;
     let (text, text_name) = match (&a.file, &a.prompt) {
         (Some(f), _) => (std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?, f.display().to_string()),
         (None, Some(p)) => (p.clone(), "prompt".to_string()),
@@ -587,7 +827,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         bail!("the text has {} tokens: the prefix ({prefix}) must leave at least one to score", tokens.len());
     }
     let text_name = text_name.as_str();
-    with_backend(&a.device, CompareJob { a, spec: &spec, model: &model, path: &path, tokens: &tokens, prefix, text_name })
+    with_backend(&a.device, CompareJob { a, spec: &spec, model, path, tokens: &tokens, prefix, text_name, bar })
 }
 
 struct CompareJob<'a> {
@@ -598,25 +838,29 @@ struct CompareJob<'a> {
     tokens: &'a [u32],
     prefix: usize,
     text_name: &'a str,
+    bar: &'a ProgressBar,
 }
 
 impl WithBackend for CompareJob<'_> {
-    type Output = ();
-    fn run<B: Backend>(self, backend: &B) -> Result<()> {
+    type Output = CompareRow;
+    fn run<B: Backend>(self, backend: &B) -> Result<CompareRow> {
         compare_on(backend, self)
     }
 }
 
-fn compare_on<B: Backend>(backend: &B, job: CompareJob) -> Result<()> {
-    let CompareJob { a, spec, model, path, tokens, prefix, text_name } = job;
+fn compare_on<B: Backend>(backend: &B, job: CompareJob) -> Result<CompareRow> {
+    let CompareJob { a, spec, model, path, tokens, prefix, text_name, bar } = job;
     let n_ctx = tokens.len().max(prefix + a.gen) + 1;
-    let base_spec = crate::kv::strategy::StrategySpec::fp16();
+    let base_spec = StrategySpec::fp16();
     // The prefix is prefilled as one batch, as the GEAR and H2O reference code runs a prompt:
     // its attention is exact, H2O ranks it whole, and GEAR compresses it as one block.
     check_fits(backend, model, &base_spec, n_ctx, prefix)?;
+    check_fits(backend, model, spec, n_ctx, prefix)?;
     let dw = DeviceWeights::new(backend, &model.weights)?;
     let mut base = Session::with_strategy(backend, &model.config, &dw, n_ctx, prefix, &base_spec)?;
     let mut strat = Session::with_strategy(backend, &model.config, &dw, n_ctx, prefix, spec)?;
+    bar.set_length((2 * (tokens.len() - 1) + 2 * prefix + 2 * a.gen) as u64);
+    bar.set_message(format!("compare {}", a.strategy));
     let (mut kl, mut agree, mut nll_b, mut nll_s, mut n) = (0.0f64, 0usize, 0.0f64, 0.0f64, 0usize);
     let mut step = |lb: &[f32], ls: &[f32], next: Option<u32>| {
         let (pb, ps) = (log_softmax(lb), log_softmax(ls));
@@ -631,10 +875,12 @@ fn compare_on<B: Backend>(backend: &B, job: CompareJob) -> Result<()> {
     let lb = base.forward(&tokens[..prefix], Logits::Last)?.to_vec();
     let ls = strat.forward(&tokens[..prefix], Logits::Last)?.to_vec();
     step(&lb, &ls, Some(tokens[prefix]));
+    bar.inc(2 * prefix as u64);
     for i in prefix..tokens.len() - 1 {
         let lb = base.forward(&tokens[i..i + 1], Logits::Last)?.to_vec();
         let ls = strat.forward(&tokens[i..i + 1], Logits::Last)?.to_vec();
         step(&lb, &ls, Some(tokens[i + 1]));
+        bar.inc(2);
     }
     let kv_bytes = strat.kv_bytes().total();
     let kv_bytes_fp16 = model.config.kv_bytes_per_token_fp16() * strat.n_past();
@@ -642,6 +888,7 @@ fn compare_on<B: Backend>(backend: &B, job: CompareJob) -> Result<()> {
     strat.truncate(0)?;
     let mut nb = greedy(base.forward(&tokens[..prefix], Logits::Last)?);
     let mut ns = greedy(strat.forward(&tokens[..prefix], Logits::Last)?);
+    bar.inc(2 * prefix as u64);
     let mut same = 0;
     while same < a.gen && nb == ns {
         same += 1;
@@ -650,10 +897,11 @@ fn compare_on<B: Backend>(backend: &B, job: CompareJob) -> Result<()> {
         }
         nb = greedy(base.forward(&[nb], Logits::Last)?);
         ns = greedy(strat.forward(&[ns], Logits::Last)?);
+        bar.inc(2);
     }
     let scored = n;
     let (commit, dirty) = git_state();
-    let row = CompareRow {
+    Ok(CompareRow {
         timestamp: now_rfc3339(),
         commit,
         dirty,
@@ -675,21 +923,5 @@ fn compare_on<B: Backend>(backend: &B, job: CompareJob) -> Result<()> {
         kv_bytes,
         kv_bytes_fp16,
         compression: kv_bytes_fp16 as f64 / kv_bytes.max(1) as f64,
-    };
-    if a.json {
-        println!("{}", serde_json::to_string(&row)?);
-    } else {
-        println!("strategy   {} {}", row.strategy, row.params);
-        println!("text       {} ({} prompt tokens, {} scored)", row.text, row.prompt_tokens, row.scored_tokens);
-        println!("KL         {:.5} nats/token (from the fp16 cache's distribution)", row.kl);
-        println!("top-1      {:.2}% agreement", row.top1 * 100.0);
-        println!("perplexity {:.4} (fp16 cache {:.4})", row.ppl, row.ppl_fp16);
-        println!("greedy     {} of {} tokens before the first difference", row.tokens_to_first_difference, row.gen_tokens);
-        println!("KV bytes   {} (fp16 {}; compression {:.2}x)", row.kv_bytes, row.kv_bytes_fp16, row.compression);
-    }
-    if !a.no_csv {
-        csvlog::append(&a.csv, &row)?;
-        eprintln!("appended to {}", a.csv.display());
-    }
-    Ok(())
+    })
 }

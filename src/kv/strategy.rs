@@ -34,6 +34,32 @@ pub const STRATEGIES: [&str; 10] =
 /// Budget of the evicting strategies when `--kv budget=` is not given: half the prompt.
 pub const DEFAULT_BUDGET: f64 = 0.5;
 
+/// Every `--kv` parameter name.
+pub const PARAMS: [&str; 13] =
+    ["bits", "group", "residual", "rank", "rank_decode", "iters", "outliers", "buffer", "backbone", "budget", "recent", "sinks", "threshold"];
+
+/// Whether strategy `name` takes the `--kv` parameter `key` (through its codec or its policy).
+/// `group` is a GEAR parameter with the group backbone (its default) only.
+pub fn takes(name: &str, key: &str) -> Result<bool> {
+    if !PARAMS.contains(&key) {
+        bail!("unknown --kv parameter '{key}' ({})", PARAMS.join(", "));
+    }
+    let spec = StrategySpec::parse(name, &[], 0)?;
+    let codec: &[&str] = match spec.codec.as_str() {
+        "uniform" => &["bits", "buffer"],
+        "group" => &["bits", "group", "residual"],
+        "gear" => &["bits", "backbone", "group", "rank", "rank_decode", "iters", "outliers", "buffer"],
+        _ => &[],
+    };
+    let policy: &[&str] = match spec.policy.as_str() {
+        "window" => &["budget", "sinks"],
+        "h2o" => &["budget", "recent", "sinks"],
+        "sieve" => &["budget", "threshold", "sinks"],
+        _ => &[],
+    };
+    Ok(codec.contains(&key) || policy.contains(&key))
+}
+
 /// A strategy with its parameters, as `--strategy NAME --kv key=value ...` gives it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StrategySpec {
@@ -136,6 +162,24 @@ pub struct StrategyLayer {
     capacity: usize,
     spec: StrategySpec,
     layer: usize,
+}
+
+impl Clone for StrategyLayer {
+    fn clone(&self) -> StrategyLayer {
+        StrategyLayer {
+            codec: self.codec.clone_box(),
+            policy: self.policy.clone_box(),
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            mass: self.mass.clone(),
+            prompt_len: self.prompt_len,
+            n_seen: self.n_seen,
+            work: Vec::new(),
+            capacity: self.capacity,
+            spec: self.spec.clone(),
+            layer: self.layer,
+        }
+    }
 }
 
 impl StrategyLayer {
@@ -329,7 +373,7 @@ pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_
             }
             other => bail!("unknown codec {other}"),
         };
-        let per_head = evicting_estimate(&*block, nb, head_dim, held.min(n_prompt), n_decode, held);
+        let per_head = evicting_estimate(&*block, nb, head_dim, n_prompt, n_batch, n_decode, held);
         let mut all = KvBytes::default();
         for _ in 0..n_kv_heads {
             all.add(&per_head);
@@ -344,41 +388,65 @@ pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_
     Ok(b)
 }
 
-/// One head's bytes when a policy evicts over compressed storage: the prompt's `n_survivors`
-/// compressed as one block (exact so far), then `n_decode` steps that each add a token to the
-/// f16 buffer (a block of `nb` made each time it fills) and evict down to `held`, one row a
-/// step, taken from the oldest block that has rows left (H2O and SIEVE protect the recent
-/// tokens), else from the buffer; a block keeps its shared parts until its last row goes.
-fn evicting_estimate(block: &dyn Fn(usize, bool) -> KvBytes, nb: usize, head_dim: usize, n_survivors: usize, n_decode: usize, held: usize) -> KvBytes {
-    let m0 = n_survivors / nb * nb;
-    let mut n_buf = n_survivors - m0;
-    // (rows made, rows left, prompt block)
-    let mut blocks: Vec<(usize, usize, bool)> = Vec::new();
-    if m0 > 0 {
-        blocks.push((m0, m0, true));
-    }
-    let mut n_held = n_survivors;
-    for _ in 0..n_decode {
-        n_buf += 1;
-        n_held += 1;
+/// One head's bytes when a policy evicts over compressed storage. The run is simulated step by
+/// step: the prompt in batches of `n_batch` (`0`: one batch), then `n_decode` one-token steps;
+/// each step's tokens join the f16 buffer, the policy evicts down to `held` (the rows taken from
+/// compressed blocks while there are any, the oldest first, since H2O and SIEVE protect recent
+/// tokens; else from the buffer), then the buffer's whole multiples of `nb` become a block. A
+/// block keeps its low-rank `B` as long as it has rows, and rows are taken from across the
+/// blocks, so every block made is counted with its `B`; an evicted row frees its codes, its row
+/// of `A`, and its share of the outliers and of the scales (per-channel key scales go when a whole
+/// row group goes, which heavy eviction makes common). Exact while nothing has been evicted from
+/// a block (a prompt in one batch, before decoding).
+#[allow(clippy::too_many_arguments)]
+fn evicting_estimate(
+    block: &dyn Fn(usize, bool) -> KvBytes,
+    nb: usize,
+    head_dim: usize,
+    n_prompt: usize,
+    n_batch: usize,
+    n_decode: usize,
+    held: usize,
+) -> KvBytes {
+    let chunk = if n_batch == 0 { n_prompt.max(1) } else { n_batch };
+    let steps = std::iter::repeat_n((chunk, true), n_prompt / chunk)
+        .chain((n_prompt % chunk > 0).then_some((n_prompt % chunk, true)))
+        .chain(std::iter::repeat_n((1, false), n_decode));
+    let mut out = KvBytes::default();
+    let (mut n_buf, mut n_held) = (0usize, 0usize);
+    // Rows held in blocks made by prompt steps and by decoding, and rows evicted from each.
+    let (mut rows, mut gone) = ([0usize; 2], [0usize; 2]);
+    for (n, prompt) in steps {
+        n_buf += n;
+        n_held += n;
         if n_held > held {
-            match blocks.iter_mut().find(|b| b.1 > 0) {
-                Some(b) => b.1 -= 1,
-                None => n_buf -= 1,
+            let mut e = n_held - held;
+            for kind in 0..2 {
+                let take = e.min(rows[kind]);
+                rows[kind] -= take;
+                gone[kind] += take;
+                e -= take;
             }
-            n_held -= 1;
+            n_buf -= e;
+            n_held = held;
         }
         if n_buf >= nb {
-            blocks.push((nb, nb, false));
-            n_buf -= nb;
+            let m = n_buf / nb * nb;
+            out.add(&block(m, prompt));
+            rows[usize::from(!prompt)] += m;
+            n_buf -= m;
         }
     }
-    let mut out = KvBytes::default();
-    for &(made, left, prompt) in blocks.iter().filter(|b| b.1 > 0) {
-        let whole = block(made, prompt);
-        let kept = block(left, prompt);
-        // Rows go; the block's shared parts (low-rank B, per-channel key scales) stay.
-        out.add(&KvBytes { scales: whole.scales.max(kept.scales), lowrank: kept.lowrank, ..kept });
+    for (kind, &g) in gone.iter().enumerate() {
+        if g > 0 {
+            // What one more row adds to a block of this kind, shared parts excluded.
+            let (big, small) = (block(2 * nb, kind == 0), block(nb, kind == 0));
+            let per = |x: usize, y: usize| (x - y) / nb;
+            out.codes -= (per(big.codes, small.codes) * g).min(out.codes);
+            out.scales -= (per(big.scales, small.scales) * g).min(out.scales);
+            out.lowrank -= (per(big.lowrank, small.lowrank) * g).min(out.lowrank);
+            out.outliers -= (per(big.outliers, small.outliers) * g).min(out.outliers);
+        }
     }
     out.fp16 += 2 * n_buf * head_dim * 2;
     out

@@ -104,8 +104,25 @@ pub struct Session<'a, B: Backend> {
     n_ctx: usize,
     s: Scratch<B>,
     host_logits: Vec<f32>,
-    /// Length of the first forward call after an empty cache: the prompt.
+    /// Length of the first forward call after an empty cache: the prompt (unless set).
     prompt_len: usize,
+    /// `prompt_len` was given by `set_prompt_len`, not taken from the first call.
+    prompt_len_set: bool,
+}
+
+/// A copy of a session's KV cache (every layer, codec and policy state included) and its prompt
+/// length, taken by `Session::snapshot` and put back by `Session::restore`.
+pub struct KvSnapshot<B: Backend> {
+    kv: Vec<B::KvLayer>,
+    prompt_len: usize,
+    prompt_len_set: bool,
+}
+
+impl<B: Backend> KvSnapshot<B> {
+    /// Positions the saved cache had processed.
+    pub fn n_past(&self, backend: &B) -> usize {
+        self.kv.first().map_or(0, |l| backend.kv_len(l))
+    }
 }
 
 impl<'a, B: Backend> Session<'a, B> {
@@ -144,7 +161,46 @@ impl<'a, B: Backend> Session<'a, B> {
         let kv = (0..c.n_layers)
             .map(|l| backend.kv_layer(spec, c.n_kv_heads, c.head_dim, n_ctx, l))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Session { backend, cfg: cfg.clone(), w, kv, n_batch: nb, n_ctx, s, host_logits: Vec::new(), prompt_len: 0 })
+        Ok(Session {
+            backend,
+            cfg: cfg.clone(),
+            w,
+            kv,
+            n_batch: nb,
+            n_ctx,
+            s,
+            host_logits: Vec::new(),
+            prompt_len: 0,
+            prompt_len_set: false,
+        })
+    }
+
+    /// Sets the prompt length that budgets given as fractions refer to, for a prompt run in
+    /// several forward calls (a shared few-shot prefix, then the rest). Without it, the first
+    /// call after an empty cache is taken as the whole prompt. `truncate(0)` forgets it.
+    pub fn set_prompt_len(&mut self, n_tokens: usize) {
+        self.prompt_len = n_tokens;
+        self.prompt_len_set = true;
+    }
+
+    /// A copy of the KV cache as it is now.
+    pub fn snapshot(&self) -> Result<KvSnapshot<B>> {
+        let kv = self.kv.iter().map(|l| self.backend.kv_clone(l)).collect::<Result<Vec<_>>>()?;
+        Ok(KvSnapshot { kv, prompt_len: self.prompt_len, prompt_len_set: self.prompt_len_set })
+    }
+
+    /// Puts back a snapshot of this session's cache: the session continues exactly as it would
+    /// have from the moment the snapshot was taken.
+    pub fn restore(&mut self, snap: &KvSnapshot<B>) -> Result<()> {
+        if snap.kv.len() != self.kv.len() {
+            bail!("snapshot of {} layers restored into a session of {}", snap.kv.len(), self.kv.len());
+        }
+        for (l, s) in self.kv.iter_mut().zip(&snap.kv) {
+            *l = self.backend.kv_clone(s)?;
+        }
+        self.prompt_len = snap.prompt_len;
+        self.prompt_len_set = snap.prompt_len_set;
+        Ok(())
     }
 
     /// Positions processed so far (the next token's position).
@@ -170,6 +226,9 @@ impl<'a, B: Backend> Session<'a, B> {
         for l in &mut self.kv {
             self.backend.kv_truncate(l, n)?;
         }
+        if n == 0 {
+            self.prompt_len_set = false;
+        }
         Ok(())
     }
 
@@ -191,7 +250,7 @@ impl<'a, B: Backend> Session<'a, B> {
             bail!("token id {bad} is outside the vocabulary of {}", self.cfg.n_vocab);
         }
         let n_vocab = self.cfg.n_vocab;
-        if self.n_past() == 0 {
+        if self.n_past() == 0 && !self.prompt_len_set {
             self.prompt_len = tokens.len();
         }
         let from = match want {

@@ -240,10 +240,15 @@ impl Backend for Cpu {
             CpuKv::Strategy(..) => bail!("a compressed or evicting cache can only be emptied, not cut at position {n_tokens}"),
         }
     }
+
+    fn kv_clone(&self, layer: &CpuKv) -> Result<CpuKv> {
+        Ok(layer.clone())
+    }
 }
 
 /// A CPU layer cache: the plain fp16 cache (the `fp16` strategy, with llama.cpp's attention
 /// arithmetic), or a policy over a codec.
+#[derive(Clone)]
 pub enum CpuKv {
     Plain(Fp16Layer),
     Strategy(Box<StrategyLayer>),

@@ -22,6 +22,7 @@ pub mod kvcodec;
 mod layers;
 pub mod quant;
 pub mod selftest;
+pub mod selftest_agree;
 mod selftest_model;
 
 use std::collections::HashMap;
@@ -134,6 +135,8 @@ pub struct CudaRuntime {
     layers: LayerKernels,
     model: ModelKernels,
     multiprocessors: usize,
+    /// Dynamic shared memory one block of the integer GEMV may use (the device's opt-in limit).
+    gemv_smem_max_bytes: usize,
     scratch: Mutex<ScratchPool>,
 }
 
@@ -180,6 +183,12 @@ impl CudaRuntime {
             add: load("kv_add_f32")?,
             argmax: load("kv_argmax_f32")?,
         };
+        // The integer GEMV keeps the quantized activation in dynamic shared memory: allow it the
+        // device's opt-in maximum per block (quant.rs splits the tokens of a launch to fit it).
+        let gemv_smem_max_bytes = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| anyhow!("querying the shared memory per block: {e}"))?
+            .max(0);
         let mut matmul = HashMap::new();
         for (name, ty) in quant::KERNEL_TYPES {
             let f = (
@@ -187,6 +196,12 @@ impl CudaRuntime {
                 load(&format!("kv_gemv_{name}_t4"))?,
                 load(&format!("kv_gemm_{name}"))?,
             );
+            if quant::gemv_is_integer(ty) {
+                for g in [&f.0, &f.1] {
+                    g.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, gemv_smem_max_bytes)
+                        .map_err(|e| anyhow!("allowing kv_gemv_{name} {gemv_smem_max_bytes} bytes of shared memory: {e}"))?;
+                }
+            }
             matmul.insert(ty.id(), f);
         }
         let mut attention = HashMap::new();
@@ -225,6 +240,7 @@ impl CudaRuntime {
             layers,
             model,
             multiprocessors,
+            gemv_smem_max_bytes: gemv_smem_max_bytes as usize,
             scratch: Mutex::new(ScratchPool::default()),
         })
     }

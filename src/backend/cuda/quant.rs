@@ -7,7 +7,8 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKerne
 
 use super::ffi::{
     KvEmbedParams, KvMatmulParams, KV_EMBED_THREADS, KV_GEMM_THREADS, KV_GEMM_TILE_ROWS, KV_GEMM_TILE_TOKENS,
-    KV_GEMV_MAX_TOKENS, KV_GEMV_NAIVE_THREADS, KV_GEMV_ROWS_PER_WARP, KV_GEMV_WARPS, KV_UNIT_ELEMS, KV_WEIGHT_PAD,
+    KV_GEMV_MAX_TOKENS, KV_GEMV_NAIVE_THREADS, KV_GEMV_Q8_ROWS_PER_WARP, KV_GEMV_Q8_WARPS, KV_GEMV_ROWS_PER_WARP,
+    KV_GEMV_WARPS, KV_UNIT_ELEMS, KV_WEIGHT_PAD, KvQ8Sum,
 };
 use super::layers::{check_len, launch_error, to_u32};
 use super::CudaRuntime;
@@ -28,6 +29,33 @@ pub(super) const KERNEL_TYPES: [(&str, GgmlType); 11] = [
     ("q5_k", GgmlType::Q5K),
     ("q6_k", GgmlType::Q6K),
 ];
+
+/// Whether the GEMV of `ty` is the integer one (x quantized to 8 bits in shared memory, dp4a), as
+/// opposed to the staged f32 one of the float types.
+pub(super) fn gemv_is_integer(ty: GgmlType) -> bool {
+    !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+}
+
+/// Dynamic shared memory of one integer-GEMV block for `n_tokens` tokens of `n_cols` columns:
+/// the int8 codes, then one `KvQ8Sum` per 32 columns (ffi/quant.h).
+pub(super) fn gemv_q8_smem_bytes(n_cols: usize, n_tokens: usize) -> usize {
+    n_tokens * (n_cols + n_cols / KV_UNIT_ELEMS as usize * std::mem::size_of::<KvQ8Sum>())
+}
+
+/// The activation as the integer GEMV quantizes it, back in f32: per 32-value block,
+/// `q = rint(x * (127 / amax))` and `d = f16(amax / 127)` (the CPU fast backend's `quantize_q8`),
+/// and each value becomes `d * q`. The GEMV computes `W . q8(x)` exactly up to f32 summation, so
+/// `reference::matmul` on this is its oracle. `x.len()` must be a multiple of 32.
+pub fn q8_roundtrip(x: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for b in x.chunks(KV_UNIT_ELEMS as usize) {
+        let amax = b.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let d = half::f16::from_f32(amax / 127.0).to_f32();
+        out.extend(b.iter().map(|&v| d * (v * id).round_ties_even()));
+    }
+    out
+}
 
 /// Which matrix kernel a product uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,16 +190,33 @@ impl CudaRuntime {
             // SAFETY: as above.
             unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))?;
         } else {
-            let rows_per_block = (KV_GEMV_WARPS * KV_GEMV_ROWS_PER_WARP) as usize;
-            let cfg = LaunchConfig {
-                grid_dim: (w.n_rows.div_ceil(rows_per_block) as u32, 1, 1),
-                block_dim: (KV_GEMV_WARPS * 32, 1, 1),
-                shared_mem_bytes: 0,
+            let integer = gemv_is_integer(w.ty);
+            let (warps, rows_per_warp) = if integer {
+                (KV_GEMV_Q8_WARPS, KV_GEMV_Q8_ROWS_PER_WARP)
+            } else {
+                (KV_GEMV_WARPS, KV_GEMV_ROWS_PER_WARP)
+            };
+            let rows_per_block = (warps * rows_per_warp) as usize;
+            // The integer GEMV holds the tokens' quantized x in shared memory: as many tokens per
+            // launch as fit the device's limit (at least one for any n_cols up to ~130k on sm_80).
+            let group = if integer {
+                let fit = self.gemv_smem_max_bytes / gemv_q8_smem_bytes(w.n_cols, 1);
+                if fit == 0 {
+                    bail!("{k} ({}): rows of {} columns need more shared memory than the device has", w.name, w.n_cols);
+                }
+                max_gemv.min(fit)
+            } else {
+                max_gemv
             };
             let mut t0 = 0;
             while t0 < n_tokens {
-                let n = (n_tokens - t0).min(max_gemv);
+                let n = (n_tokens - t0).min(group);
                 let p = params(n)?;
+                let cfg = LaunchConfig {
+                    grid_dim: (w.n_rows.div_ceil(rows_per_block) as u32, 1, 1),
+                    block_dim: (warps * 32, 1, 1),
+                    shared_mem_bytes: if integer { to_u32(k, "shared memory", gemv_q8_smem_bytes(w.n_cols, n))? } else { 0 },
+                };
                 let func = if n == 1 { t1 } else { t4 };
                 let xt = xp + (t0 * w.n_cols * 4) as u64;
                 let ot = op + (t0 * w.n_rows * 4) as u64;
@@ -220,5 +265,249 @@ impl CudaRuntime {
         // and lengths checked above.
         unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))?;
         Ok(())
+    }
+}
+
+/// A host-side emulation of the integer GEMV's per-lane work (`cuda/quant.cu`, `Q8Gemv<TYPE>`):
+/// the same lane-unit split of a row, the same byte offsets, aligned word loads with funnel
+/// shifts, nibble and bit unpacking, byte-wise dot products and scale arithmetic, written again
+/// in Rust, and checked against `format::quant::dequantize` dotted with `q8_roundtrip(x)` in f64.
+/// It pins down the index mapping the kernel relies on without a GPU.
+#[cfg(test)]
+mod emulation {
+    use super::q8_roundtrip;
+    use crate::format::quant::{dequantize, quantize, GgmlType};
+    use crate::rng::Rng;
+
+    /// The quantized activation of one row: codes and, per 32-block, (d, sum), as the kernel's
+    /// shared memory holds them.
+    struct Q8 {
+        q: Vec<i8>,
+        d: Vec<f32>,
+        sum: Vec<i32>,
+    }
+
+    fn quantize_x(x: &[f32]) -> Q8 {
+        let mut o = Q8 { q: vec![], d: vec![], sum: vec![] };
+        for b in x.chunks(32) {
+            let amax = b.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let mut s = 0;
+            for &v in b {
+                let q = (v * id).round_ties_even() as i32;
+                s += q;
+                o.q.push(q as i8);
+            }
+            o.d.push(half::f16::from_f32(amax / 127.0).to_f32());
+            o.sum.push(s);
+        }
+        o
+    }
+
+    /// The matrix bytes as the device holds them (a 16-byte aligned allocation with padding);
+    /// offsets below are from the allocation's start, so `off % 4` is the device alignment.
+    struct Mem(Vec<u8>);
+    impl Mem {
+        fn u32_at(&self, off: usize) -> u32 {
+            assert_eq!(off % 4, 0, "unaligned 32-bit load at {off}");
+            u32::from_le_bytes(self.0[off..off + 4].try_into().unwrap())
+        }
+        fn u16_at(&self, off: usize) -> u32 {
+            assert_eq!(off % 2, 0, "unaligned 16-bit load at {off}");
+            u32::from(u16::from_le_bytes([self.0[off], self.0[off + 1]]))
+        }
+        /// ld_words_2<N>: N words of the bytes at the 2-byte aligned `off`.
+        fn words_2(&self, off: usize, n: usize) -> Vec<u32> {
+            assert_eq!(off % 2, 0);
+            let base = off & !3;
+            let sh = ((off & 2) * 8) as u32;
+            let v: Vec<u32> = (0..=n).map(|i| self.u32_at(base + 4 * i)).collect();
+            (0..n).map(|i| (((u64::from(v[i + 1]) << 32) | u64::from(v[i])) >> sh) as u32).collect()
+        }
+        /// ld_words_4 / ld_words_16: N words at an aligned `off`.
+        fn words_a(&self, off: usize, n: usize, align: usize) -> Vec<u32> {
+            assert_eq!(off % align, 0, "unaligned {align}-byte load at {off}");
+            (0..n).map(|i| self.u32_at(off + 4 * i)).collect()
+        }
+    }
+
+    fn f16_bits(h: u32) -> f32 {
+        half::f16::from_bits((h & 0xFFFF) as u16).to_f32()
+    }
+    fn dp4a(a: u32, b: u32, c: i32) -> i32 {
+        (0..4).fold(c, |s, i| s + i32::from((a >> (8 * i)) as u8 as i8) * i32::from((b >> (8 * i)) as u8 as i8))
+    }
+    fn vsub4(a: u32, b: u32) -> u32 {
+        u32::from_le_bytes(std::array::from_fn(|i| ((a >> (8 * i)) as u8).wrapping_sub((b >> (8 * i)) as u8)))
+    }
+    fn spread4(h: u32) -> u32 {
+        ((h << 4) & 0x10) | ((h << 11) & 0x1000) | ((h << 18) & 0x10_0000) | ((h << 25) & 0x1000_0000)
+    }
+    fn x_words(x: &Q8, b: usize) -> [u32; 8] {
+        std::array::from_fn(|k| u32::from_le_bytes(std::array::from_fn(|e| x.q[32 * b + 4 * k + e] as u8)))
+    }
+    fn scale_min(j: usize, s: &[u32]) -> (i32, i32) {
+        let byte = |i: usize| (s[i / 4] >> (8 * (i % 4))) & 0xFF;
+        if j < 4 {
+            ((byte(j) & 63) as i32, (byte(j + 4) & 63) as i32)
+        } else {
+            (((byte(j + 4) & 0x0F) | ((byte(j - 4) >> 6) << 4)) as i32, ((byte(j + 4) >> 4) | ((byte(j) >> 6) << 4)) as i32)
+        }
+    }
+    fn dot_q5(qs: &[u32], qh: u32, xi: &[u32; 8]) -> i32 {
+        let mut s = 0;
+        for k in 0..4 {
+            s = dp4a((qs[k] & 0x0F0F_0F0F) | spread4(qh >> (4 * k)), xi[k], s);
+            s = dp4a(((qs[k] >> 4) & 0x0F0F_0F0F) | spread4(qh >> (4 * k + 16)), xi[k + 4], s);
+        }
+        s
+    }
+
+    /// Q8Gemv<TYPE>::load + dot for lane unit `lu` of the row starting at `row`.
+    fn lane_unit(ty: GgmlType, m: &Mem, row: usize, lu: usize, x: &Q8) -> f32 {
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                let xi = x_words(x, lu);
+                let (xd, xsum) = (x.d[lu], x.sum[lu]);
+                match ty {
+                    GgmlType::Q4_0 => {
+                        let b = row + 18 * lu;
+                        let (d, qs) = (m.u16_at(b), m.words_2(b + 2, 4));
+                        let mut s = 0;
+                        for k in 0..4 {
+                            s = dp4a(qs[k] & 0x0F0F_0F0F, xi[k], s);
+                            s = dp4a((qs[k] >> 4) & 0x0F0F_0F0F, xi[k + 4], s);
+                        }
+                        f16_bits(d) * (xd * (s - 8 * xsum) as f32)
+                    }
+                    GgmlType::Q4_1 => {
+                        let v = m.words_a(row + 20 * lu, 5, 4);
+                        let mut s = 0;
+                        for k in 0..4 {
+                            s = dp4a(v[k + 1] & 0x0F0F_0F0F, xi[k], s);
+                            s = dp4a((v[k + 1] >> 4) & 0x0F0F_0F0F, xi[k + 4], s);
+                        }
+                        f16_bits(v[0]) * (xd * s as f32) + f16_bits(v[0] >> 16) * (xd * xsum as f32)
+                    }
+                    GgmlType::Q5_0 => {
+                        let b = row + 22 * lu;
+                        let (d, v) = (m.u16_at(b), m.words_2(b + 2, 5));
+                        let s = dot_q5(&v[1..], v[0], &xi);
+                        f16_bits(d) * (xd * (s - 16 * xsum) as f32)
+                    }
+                    GgmlType::Q5_1 => {
+                        let v = m.words_a(row + 24 * lu, 6, 8);
+                        let s = dot_q5(&v[2..], v[1], &xi);
+                        f16_bits(v[0]) * (xd * s as f32) + f16_bits(v[0] >> 16) * (xd * xsum as f32)
+                    }
+                    _ => {
+                        let b = row + 34 * lu;
+                        let (d, qs) = (m.u16_at(b), m.words_2(b + 2, 8));
+                        let s = (0..8).fold(0, |s, k| dp4a(qs[k], xi[k], s));
+                        f16_bits(d) * (xd * s as f32)
+                    }
+                }
+            }
+            GgmlType::Q4K | GgmlType::Q5K => {
+                let five = ty == GgmlType::Q5K;
+                let bb = if five { 176 } else { 144 };
+                let b = row + bb * (lu / 4);
+                let c = lu % 4;
+                let head = m.words_a(b, 4, 16);
+                let qh = if five { m.words_a(b + 16, 8, 16) } else { vec![0; 8] };
+                let qs = m.words_a(b + if five { 48 } else { 16 } + 32 * c, 8, 16);
+                let b0 = 8 * (lu / 4) + 2 * c;
+                let (sc0, m0) = scale_min(2 * c, &head[1..]);
+                let (sc1, m1) = scale_min(2 * c + 1, &head[1..]);
+                let (x0, x1) = (x_words(x, b0), x_words(x, b0 + 1));
+                let (mut s0, mut s1) = (0, 0);
+                for k in 0..8 {
+                    let lo = (qs[k] & 0x0F0F_0F0F) | (((qh[k] >> (2 * c)) & 0x0101_0101) << 4);
+                    let hi = ((qs[k] >> 4) & 0x0F0F_0F0F) | (((qh[k] >> (2 * c + 1)) & 0x0101_0101) << 4);
+                    s0 = dp4a(lo, x0[k], s0);
+                    s1 = dp4a(hi, x1[k], s1);
+                }
+                let dot_sc = x.d[b0] * (sc0 * s0) as f32 + x.d[b0 + 1] * (sc1 * s1) as f32;
+                let dot_m = x.d[b0] * (m0 * x.sum[b0]) as f32 + x.d[b0 + 1] * (m1 * x.sum[b0 + 1]) as f32;
+                f16_bits(head[0]) * dot_sc - f16_bits(head[0] >> 16) * dot_m
+            }
+            GgmlType::Q6K => {
+                let b = row + 210 * (lu / 4);
+                let j = lu % 4;
+                let (h, kk) = (j / 2, j % 2);
+                let ql = m.words_2(b + 64 * h + 32 * kk, 8);
+                let qh = m.words_2(b + 128 + 32 * h, 8);
+                let sc = m.words_2(b + 192 + 8 * h, 2);
+                let d = m.u16_at(b + 208);
+                let b0 = 8 * (lu / 4) + 4 * h + kk;
+                let byte = |w: u32, sh: usize| i32::from((w >> sh) as u8 as i8);
+                let (sa0, sa1) = (byte(sc[0], 16 * kk), byte(sc[0], 16 * kk + 8));
+                let (sb0, sb1) = (byte(sc[1], 16 * kk), byte(sc[1], 16 * kk + 8));
+                let (xa, xb) = (x_words(x, b0), x_words(x, b0 + 2));
+                let (mut a0, mut a1, mut c0, mut c1) = (0, 0, 0, 0);
+                for k in 0..8 {
+                    let qa = (ql[k] & 0x0F0F_0F0F) | (((qh[k] >> (2 * kk)) & 0x0303_0303) << 4);
+                    let qb = ((ql[k] >> 4) & 0x0F0F_0F0F) | (((qh[k] >> (2 * kk + 4)) & 0x0303_0303) << 4);
+                    let (va, vb) = (vsub4(qa, 0x2020_2020), vsub4(qb, 0x2020_2020));
+                    if k < 4 {
+                        a0 = dp4a(va, xa[k], a0);
+                        c0 = dp4a(vb, xb[k], c0);
+                    } else {
+                        a1 = dp4a(va, xa[k], a1);
+                        c1 = dp4a(vb, xb[k], c1);
+                    }
+                }
+                f16_bits(d) * (x.d[b0] * (sa0 * a0 + sa1 * a1) as f32 + x.d[b0 + 2] * (sb0 * c0 + sb1 * c1) as f32)
+            }
+            _ => unreachable!("no integer GEMV for {ty}"),
+        }
+    }
+
+    #[test]
+    fn lane_units_reproduce_the_dequantized_dot_product() {
+        let mut rng = Rng::new(0x9e3779b97f4a7c15);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+            let lu_units = if ty.block_elems() == 256 { 2 } else { 1 };
+            // 576 columns (SmolLM2: rows not a multiple of 16 bytes for the legacy types) and 512;
+            // three rows so later rows start at every alignment the type allows.
+            for n_cols in [576usize, 512, 768] {
+                if n_cols % ty.block_elems() != 0 {
+                    continue;
+                }
+                let n_rows = 3;
+                let rb = ty.row_bytes(n_cols).unwrap();
+                let mut mem = vec![0u8; (rb * n_rows).div_ceil(16) * 16 + 16];
+                let w = rng.vec_uniform(n_rows * n_cols, -1.0, 1.0);
+                for r in 0..n_rows {
+                    quantize(ty, &w[r * n_cols..(r + 1) * n_cols], &mut mem[r * rb..(r + 1) * rb]).unwrap();
+                }
+                let mem = Mem(mem);
+                let mut x = rng.vec_uniform(n_cols, -2.0, 2.0);
+                x[..32].iter_mut().for_each(|v| *v = 0.0);
+                let xq = quantize_x(&x);
+                let xt = q8_roundtrip(&x);
+                for r in 0..n_rows {
+                    let mut row = vec![0.0f32; n_cols];
+                    dequantize(ty, &mem.0[r * rb..(r + 1) * rb], &mut row).unwrap();
+                    let want: f64 = row.iter().zip(&xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let scale: f64 = row.iter().zip(&xt).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                    let n_lu = n_cols / 32 / lu_units;
+                    let got: f64 = (0..n_lu).map(|lu| lane_unit(ty, &mem, r * rb, lu, &xq) as f64).sum();
+                    assert!((got - want).abs() <= 1e-5 * scale, "{ty} {n_cols} cols row {r}: emulated {got}, want {want} (sum |w x| {scale})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn roundtrip_matches_the_emulated_codes() {
+        let mut rng = Rng::new(5);
+        let x = rng.vec_uniform(96, -3.0, 3.0);
+        let q = quantize_x(&x);
+        let t = q8_roundtrip(&x);
+        for i in 0..96 {
+            assert_eq!(t[i], q.d[i / 32] * f32::from(q.q[i]));
+        }
+        assert!(q8_roundtrip(&[0.0; 32]).iter().all(|&v| v == 0.0));
     }
 }

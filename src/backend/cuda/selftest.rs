@@ -139,6 +139,9 @@ pub struct Options {
     pub csv: Option<PathBuf>,
     /// Timed launches per kernel in the microbenchmark.
     pub iters: usize,
+    /// Check whole-model agreement of CUDA with the CPU fast backend on this model file
+    /// (`selftest_agree`) instead of the kernel checks.
+    pub model: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -148,6 +151,7 @@ impl Default for Options {
             bench: false,
             csv: None,
             iters: 50,
+            model: None,
         }
     }
 }
@@ -195,7 +199,10 @@ pub fn command(opts: &Options) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let lines = run_on(&rt, seed)?;
+    let lines = match &opts.model {
+        Some(path) => super::selftest_agree::run(rt.context().ordinal(), path, seed)?,
+        None => run_on(&rt, seed)?,
+    };
     for l in &lines {
         println!("{l}");
     }

@@ -155,30 +155,72 @@ impl GearConfig {
     /// f16 value).
     pub fn formula_bytes(&self, n_kv_heads: usize, head_dim: usize, n_prompt: usize, n_decode: usize, n_batch: usize) -> KvBytes {
         let nb = self.buffer;
-        let step = if n_batch == 0 { n_prompt.max(1) } else { n_batch };
         let mut per_head = KvBytes::default();
-        let mut n_buf = 0;
-        let mut done = 0;
-        while done < n_prompt {
-            let n = step.min(n_prompt - done);
-            n_buf += n;
-            done += n;
-            if n_buf >= nb {
-                let m = n_buf / nb * nb;
-                per_head.add(&self.block_bytes(head_dim, m, self.rank));
-                n_buf -= m;
+        let mut buf = 0usize;
+        // A prompt step's block is at `rank` (see `StrategyLayer::finish_step`).
+        let step = |c: usize, buf: &mut usize, acc: &mut KvBytes| {
+            *buf += c;
+            if *buf >= nb {
+                let m = *buf / nb * nb;
+                acc.add(&self.block_bytes(head_dim, m, self.rank));
+                *buf -= m;
+            }
+        };
+        // The buffer's fill level after each full batch repeats with a period of at most nb
+        // batches, so a long prompt costs one period.
+        if n_prompt > 0 {
+            let chunk = if n_batch == 0 { n_prompt } else { n_batch.min(n_prompt) };
+            let (full, rest) = (n_prompt / chunk, n_prompt % chunk);
+            let mut first_seen = vec![usize::MAX; nb];
+            let mut before: Vec<KvBytes> = Vec::new();
+            let mut i = 0;
+            while i < full {
+                let start = first_seen[buf];
+                if start != usize::MAX {
+                    let period = i - start;
+                    let cycles = (full - i) / period;
+                    let gain = sub(&per_head, &before[start]);
+                    per_head.add(&scale(&gain, cycles));
+                    for _ in 0..(full - i) % period {
+                        step(chunk, &mut buf, &mut per_head);
+                    }
+                    break;
+                }
+                first_seen[buf] = i;
+                before.push(per_head);
+                step(chunk, &mut buf, &mut per_head);
+                i += 1;
+            }
+            if rest > 0 {
+                step(rest, &mut buf, &mut per_head);
             }
         }
-        let decode_block = self.block_bytes(head_dim, nb, self.rank_decode);
-        for _ in 0..(n_buf + n_decode) / nb {
-            per_head.add(&decode_block);
-        }
-        per_head.fp16 = 2 * ((n_buf + n_decode) % nb) * head_dim * 2;
-        let mut all = KvBytes::default();
-        for _ in 0..n_kv_heads {
-            all.add(&per_head);
-        }
-        all
+        let n_decode_blocks = (buf + n_decode) / nb;
+        per_head.add(&scale(&self.block_bytes(head_dim, nb, self.rank_decode), n_decode_blocks));
+        per_head.fp16 = 2 * ((buf + n_decode) % nb) * head_dim * 2;
+        scale(&per_head, n_kv_heads)
+    }
+}
+
+fn sub(a: &KvBytes, b: &KvBytes) -> KvBytes {
+    KvBytes {
+        codes: a.codes - b.codes,
+        scales: a.scales - b.scales,
+        lowrank: a.lowrank - b.lowrank,
+        outliers: a.outliers - b.outliers,
+        fp16: a.fp16 - b.fp16,
+        policy: a.policy - b.policy,
+    }
+}
+
+fn scale(a: &KvBytes, n: usize) -> KvBytes {
+    KvBytes {
+        codes: a.codes * n,
+        scales: a.scales * n,
+        lowrank: a.lowrank * n,
+        outliers: a.outliers * n,
+        fp16: a.fp16 * n,
+        policy: a.policy * n,
     }
 }
 
@@ -274,4 +316,46 @@ mod tests {
             .collect();
         assert_eq!(after, kept, "seed {seed}");
     }
+
+    #[test]
+    fn chunked_prompt_bytes_follow_the_formula() {
+        let seed = Rng::seed_from_time();
+        let mut rng = Rng::new(seed);
+        let (heads, d) = (2, 32);
+        for (n_prompt, chunk, n_decode) in [(100, 64, 30), (200, 24, 5), (65, 1, 70), (64, 64, 0), (150, 150, 17), (7, 3, 60)] {
+            let cfg = GearConfig { group: 8, buffer: 16, ..GearConfig::default() };
+            let mut c = GearCodec::new(heads, d, cfg, seed).unwrap();
+            let mut left = n_prompt;
+            while left > 0 {
+                let n = left.min(chunk);
+                let k: Vec<f32> = (0..n * heads * d).map(|_| rng.normal()).collect();
+                c.append(&k, &k, n).unwrap();
+                c.compress_due(true).unwrap();
+                left -= n;
+            }
+            for _ in 0..n_decode {
+                let k: Vec<f32> = (0..heads * d).map(|_| rng.normal()).collect();
+                c.append(&k, &k, 1).unwrap();
+                c.compress_due(false).unwrap();
+            }
+            assert_eq!(c.bytes(), cfg.formula_bytes(heads, d, n_prompt, n_decode, chunk), "seed {seed}: {n_prompt} in chunks of {chunk}, {n_decode} decoded");
+        }
+        // The period shortcut gives what stepping through every chunk gives.
+        let cfg = GearConfig { group: 8, buffer: 24, outliers: 0.03, ..GearConfig::default() };
+        for (n, chunk) in [(100_000, 40), (99_999, 7), (12_345, 24), (5_000, 1)] {
+            let mut step_by_step = KvBytes::default();
+            let mut buf = 0;
+            for c in std::iter::repeat_n(chunk, n / chunk).chain((n % chunk > 0).then_some(n % chunk)) {
+                buf += c;
+                if buf >= 24 {
+                    let m = buf / 24 * 24;
+                    step_by_step.add(&cfg.block_bytes(d, m, cfg.rank));
+                    buf -= m;
+                }
+            }
+            step_by_step.fp16 = 2 * buf * d * 2;
+            assert_eq!(cfg.formula_bytes(1, d, n, 0, chunk), step_by_step, "{n} in chunks of {chunk}");
+        }
+    }
+
 }

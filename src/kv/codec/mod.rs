@@ -108,8 +108,20 @@ impl KvBytes {
     }
 }
 
+/// A boxed copy of a codec (every codec is a plain CPU struct; a copy is what a saved prompt
+/// prefix restores, see `Session::snapshot`).
+pub trait CodecClone {
+    fn clone_box(&self) -> Box<dyn Codec>;
+}
+
+impl<T: Codec + Clone + 'static> CodecClone for T {
+    fn clone_box(&self) -> Box<dyn Codec> {
+        Box::new(self.clone())
+    }
+}
+
 /// One layer's stored K and V for `n_kv_heads` heads of `head_dim`.
-pub trait Codec: Send + Sync {
+pub trait Codec: CodecClone + Send + Sync {
     /// A short name with parameters, for reports (`gear(bits=4,group=32,rank=4,...)`).
     fn describe(&self) -> String;
     /// Appends tokens: `k` and `v` are `[n_tokens, n_kv_heads, head_dim]` f32 (keys after RoPE).

@@ -30,8 +30,19 @@ pub use window::Window;
 
 use anyhow::{bail, Result};
 
+/// A boxed copy of a policy (a saved prompt prefix restores one, see `Session::snapshot`).
+pub trait PolicyClone {
+    fn clone_box(&self) -> Box<dyn Policy>;
+}
+
+impl<T: Policy + Clone + 'static> PolicyClone for T {
+    fn clone_box(&self) -> Box<dyn Policy> {
+        Box::new(self.clone())
+    }
+}
+
 /// One layer's eviction policy.
-pub trait Policy: Send + Sync {
+pub trait Policy: PolicyClone + Send + Sync {
     /// A short name with parameters, for reports (`h2o(budget=0.2,recent=0.5)`).
     fn describe(&self) -> String;
     /// Whether the policy needs each step's attention mass (H2O, SIEVE); the attention op only
