@@ -27,7 +27,7 @@ pub fn layer_seed(spec: &StrategySpec, layer: usize) -> u64 {
 }
 
 /// The device codec a strategy names: `fp16` here; `uniform`, `group` and `gear` are the
-/// compressed codecs of `backend::cuda::kvcodec` (not part of this build yet).
+/// compressed codecs of `backend::cuda::kvcodec`.
 pub fn make_device_codec(
     rt: &CudaRuntime,
     spec: &StrategySpec,
@@ -36,24 +36,21 @@ pub fn make_device_codec(
     capacity: usize,
     seed: u64,
 ) -> Result<Box<dyn DeviceCodec>> {
-    let _ = seed;
     match spec.codec.as_str() {
         "fp16" => Ok(Box::new(Fp16DeviceCodec::new(rt, n_kv_heads, head_dim, capacity)?)),
-        c @ ("uniform" | "group" | "gear") => bail!(
-            "the {c} codec has no CUDA implementation in this build (strategy {}); run it with --device cpu",
-            spec.name
-        ),
+        c @ ("uniform" | "group" | "gear") => super::kvcodec::new_device_codec(rt, c, &spec.codec_params, n_kv_heads, head_dim, capacity, seed)
+            .with_context(|| format!("the {c} codec of strategy {} on CUDA", spec.name)),
         other => bail!("unknown codec {other}"),
     }
 }
 
 /// Device bytes one layer's cache reserves up front under `spec` for `capacity` tokens: the
-/// codec's storage (fp16: the whole capacity; compressed codecs: their formula bytes for a full
-/// context, an estimate) and the mass buffer of a policy that wants it.
+/// codec's storage (fp16: the whole capacity; compressed codecs: the arena they reserve for a
+/// full context and their fp16 buffers) and the mass buffer of a policy that wants it.
 pub fn layer_reserved_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<usize> {
     let storage = match spec.codec.as_str() {
         "fp16" => Fp16DeviceCodec::reserved_bytes_for(n_kv_heads, head_dim, capacity),
-        _ => crate::kv::strategy::formula_bytes(spec, n_kv_heads, head_dim, capacity, 0, 0)?.total(),
+        c => super::kvcodec::reserved_bytes_for(c, &spec.codec_params, n_kv_heads, head_dim, capacity)?,
     };
     let mass = if spec.policy == "h2o" || spec.policy == "sieve" { n_kv_heads * capacity * 4 } else { 0 };
     Ok(storage + mass)

@@ -18,6 +18,7 @@ pub mod backend;
 pub mod ffi;
 pub mod kv;
 pub mod kv_fp16;
+pub mod kvcodec;
 mod layers;
 pub mod quant;
 pub mod selftest;
@@ -275,6 +276,13 @@ impl CudaRuntime {
     /// Streaming multiprocessors of the device.
     pub fn multiprocessors(&self) -> usize {
         self.multiprocessors
+    }
+
+    /// A kernel of the embedded fatbin by name (for launch wrappers outside this module).
+    pub(crate) fn function(&self, name: &str) -> Result<CudaFunction> {
+        self._module
+            .load_function(name)
+            .map_err(|e| anyhow!("kernel {name} is not in the embedded fatbin: {e}"))
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

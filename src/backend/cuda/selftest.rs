@@ -357,6 +357,7 @@ pub fn run_on(rt: &CudaRuntime, seed: u64) -> Result<Vec<SelftestLine>> {
         );
     }
     super::selftest_model::run_model_checks(&mut t);
+    t.lines.extend(super::kvcodec::check::checks(rt, seed));
     Ok(t.lines)
 }
 
@@ -914,6 +915,7 @@ pub fn microbench(rt: &CudaRuntime, iters: usize, seed: u64) -> Result<Vec<Bench
         t,
         None,
     ));
+    lines.extend(super::kvcodec::check::bench(rt, iters, seed)?);
     Ok(lines)
 }
 

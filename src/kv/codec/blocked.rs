@@ -250,7 +250,7 @@ pub(crate) struct Blocked {
 }
 
 /// The power-iteration seed of block `blk` of head `g`.
-fn block_seed(seed: u64, g: usize, blk: u64) -> u64 {
+pub(crate) fn block_seed(seed: u64, g: usize, blk: u64) -> u64 {
     seed ^ (g as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ blk.wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
 

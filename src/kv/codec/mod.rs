@@ -59,6 +59,13 @@ mod quant;
 mod sparse;
 pub mod uniform;
 
+// The device twin (backend::cuda::kvcodec) mirrors this storage and these choices.
+pub(crate) use blocked::block_seed;
+#[cfg(test)]
+pub(crate) use pack::{f16_down, f16_up};
+pub(crate) use pack::row_bytes;
+pub(crate) use sparse::{index_bytes, outlier_count};
+
 pub use fp16::Fp16Codec;
 pub use gear::{GearCodec, GearConfig};
 pub use group::{GroupCodec, GroupConfig};
