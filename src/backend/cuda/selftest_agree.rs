@@ -28,7 +28,7 @@ use crate::model::llama::{DeviceWeights, Logits, Session};
 use crate::model::Model;
 
 /// The strategies checked; adding one (once its CUDA codec exists) is one entry here.
-pub const AGREE_STRATEGIES: &[&str] = &["fp16", "h2o"];
+pub const AGREE_STRATEGIES: &[&str] = &["fp16", "h2o", "gear", "gear-h2o"];
 /// A step is a tie, where the backends may pick different tokens, when the CPU's top-2 margin is
 /// at most this fraction of the row's largest |logit|. Both backends quantize activations to 8
 /// bits per 32 values, and a code that rounds the other way moves the logits; measured between
