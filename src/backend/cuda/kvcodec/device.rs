@@ -110,6 +110,9 @@ impl Kernels {
     }
 }
 
+/// Pinned host buffers kept for reuse (one per distinct count length a layer's compressions use).
+const MAX_PINNED_POOL: usize = 8;
+
 /// Compressions whose outlier counts may wait before they are read.
 const PENDING_MAX: usize = 8;
 
@@ -189,7 +192,9 @@ impl QuantDeviceCodec {
         for (plan, host) in std::mem::take(&mut self.pending) {
             let counts = host.as_slice().map_err(|e| anyhow!("waiting for the outlier counts: {e}"))?;
             self.store.finish_compress(&plan, &counts[..plan.counts_len])?;
-            self.pinned.push(host);
+            if self.pinned.len() < MAX_PINNED_POOL {
+                self.pinned.push(host);
+            }
         }
         Ok(())
     }
@@ -361,15 +366,18 @@ impl QuantDeviceCodec {
         match counts.filter(|_| plan.has_outliers()) {
             None => self.store.finish_compress(&plan, &[]),
             Some(cnt) => {
-                let mut host = match self.pinned.iter().position(|h| h.len() >= plan.counts_len) {
+                // The copy moves the whole host buffer (cudarc copies `dst.len()` values), so a
+                // buffer is reused only when its length is exactly the counts'.
+                let n = plan.counts_len.max(1);
+                let mut host = match self.pinned.iter().position(|h| h.len() == n) {
                     Some(i) => self.pinned.swap_remove(i),
                     // SAFETY: plain page-locked memory (no write-combining: the host reads it);
                     // only the first counts_len values are read, after the copy below wrote them.
-                    None => unsafe { rt.context().alloc_pinned_with_flags::<u32>(plan.counts_len.max(1), 0) }
+                    None => unsafe { rt.context().alloc_pinned_with_flags::<u32>(n, 0) }
                         .map_err(|e| anyhow!("allocating {} bytes of pinned host memory: {e}", 4 * plan.counts_len))?,
                 };
                 stream
-                    .memcpy_dtoh(&cnt.slice(..plan.counts_len), &mut host)
+                    .memcpy_dtoh(&cnt.slice(..n), &mut host)
                     .map_err(|e| anyhow!("copying the outlier counts to the host: {e}"))?;
                 self.pending.push((plan, host));
                 Ok(())
