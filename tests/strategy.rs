@@ -179,7 +179,7 @@ fn eviction_over_compressed_storage_equals_its_formula_after_a_one_batch_prompt(
         let mut s = Session::with_strategy(&b, c, &dw, 256, prompt.len(), &spec).unwrap();
         s.forward(&prompt, Logits::Last).unwrap();
         let layer = kvgear::kv::strategy::formula_bytes(&spec, c.n_kv_heads, c.head_dim, prompt.len(), 0, prompt.len()).unwrap();
-        assert_eq!(s.kv_bytes(), scaled(&layer, c.n_layers), "{name} {kv}");
+        assert_eq!(s.kv_bytes(), layer.times(c.n_layers), "{name} {kv}");
         // Decoding evicts rows from compressed blocks and from the f16 buffer, as the policy
         // chooses: the formula is then an estimate (it assumes H2O-like eviction of old rows;
         // SIEVE also evicts unvisited new tokens).
@@ -191,17 +191,6 @@ fn eviction_over_compressed_storage_equals_its_formula_after_a_one_batch_prompt(
         let rel = (held as f64 - est as f64).abs() / held as f64;
         eprintln!("{name} {kv}: {held} bytes held after 40 decoded tokens, the estimate says {est}");
         assert!(rel < 0.25, "{name} {kv}: {held} bytes held, the estimate says {est}");
-    }
-}
-
-fn scaled(b: &kvgear::kv::codec::KvBytes, n: usize) -> kvgear::kv::codec::KvBytes {
-    kvgear::kv::codec::KvBytes {
-        codes: b.codes * n,
-        scales: b.scales * n,
-        lowrank: b.lowrank * n,
-        outliers: b.outliers * n,
-        fp16: b.fp16 * n,
-        policy: b.policy * n,
     }
 }
 

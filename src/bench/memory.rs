@@ -99,17 +99,7 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
 
 /// KV bytes of the whole model (all layers, all sequences).
 fn kv_total(spec: &StrategySpec, cfg: &Config, ctx: usize, decode: usize, batch: usize, prompt_batch: usize) -> Result<KvBytes> {
-    let layer = formula_bytes(spec, cfg.n_kv_heads, cfg.head_dim, ctx, decode, prompt_batch)?;
-    let n = (cfg.n_layers * batch) as u64;
-    let m = |x: usize| (x as u64 * n) as usize;
-    Ok(KvBytes {
-        codes: m(layer.codes),
-        scales: m(layer.scales),
-        lowrank: m(layer.lowrank),
-        outliers: m(layer.outliers),
-        fp16: m(layer.fp16),
-        policy: m(layer.policy),
-    })
+    Ok(formula_bytes(spec, cfg.n_kv_heads, cfg.head_dim, ctx, decode, prompt_batch)?.times(cfg.n_layers * batch))
 }
 
 /// The memory a run takes on its backend, by part, computed before anything is allocated

@@ -180,7 +180,7 @@ impl GearConfig {
                     let period = i - start;
                     let cycles = (full - i) / period;
                     let gain = sub(&per_head, &before[start]);
-                    per_head.add(&scale(&gain, cycles));
+                    per_head.add(&gain.times(cycles));
                     for _ in 0..(full - i) % period {
                         step(chunk, &mut buf, &mut per_head);
                     }
@@ -196,9 +196,9 @@ impl GearConfig {
             }
         }
         let n_decode_blocks = (buf + n_decode) / nb;
-        per_head.add(&scale(&self.block_bytes(head_dim, nb, self.rank_decode), n_decode_blocks));
+        per_head.add(&self.block_bytes(head_dim, nb, self.rank_decode).times(n_decode_blocks));
         per_head.fp16 = 2 * ((buf + n_decode) % nb) * head_dim * 2;
-        scale(&per_head, n_kv_heads)
+        per_head.times(n_kv_heads)
     }
 }
 
@@ -210,17 +210,6 @@ fn sub(a: &KvBytes, b: &KvBytes) -> KvBytes {
         outliers: a.outliers - b.outliers,
         fp16: a.fp16 - b.fp16,
         policy: a.policy - b.policy,
-    }
-}
-
-fn scale(a: &KvBytes, n: usize) -> KvBytes {
-    KvBytes {
-        codes: a.codes * n,
-        scales: a.scales * n,
-        lowrank: a.lowrank * n,
-        outliers: a.outliers * n,
-        fp16: a.fp16 * n,
-        policy: a.policy * n,
     }
 }
 

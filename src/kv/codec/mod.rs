@@ -101,6 +101,18 @@ impl KvBytes {
         self.codes + self.scales + self.lowrank + self.outliers + self.fp16 + self.policy
     }
 
+    /// Every component times `n` (`n` equal layers, heads or blocks).
+    pub fn times(&self, n: usize) -> KvBytes {
+        KvBytes {
+            codes: self.codes * n,
+            scales: self.scales * n,
+            lowrank: self.lowrank * n,
+            outliers: self.outliers * n,
+            fp16: self.fp16 * n,
+            policy: self.policy * n,
+        }
+    }
+
     pub fn add(&mut self, o: &KvBytes) {
         self.codes += o.codes;
         self.scales += o.scales;
