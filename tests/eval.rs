@@ -272,6 +272,7 @@ fn args(dir: &Path, out: &Path, strategy: &str, limit: usize) -> EvalArgs {
         baseline: None,
         vs: None,
         model: None,
+        quantize: None,
         device: "cpu".into(),
         threads: None,
         batch: 64,

@@ -479,6 +479,9 @@ pub struct EvalArgs {
     pub vs: Option<String>,
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
+    /// Quantize the model's matrices to this type at load time (as `kvgear quantize` would).
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// `cpu` (fast), `cpu-ref` or `auto`.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -551,7 +554,7 @@ pub fn command(a: &EvalArgs) -> Result<()> {
         eprintln!("note: {n}");
     }
     let path = crate::fetch::resolve_model(a.model.as_deref())?;
-    let model = Model::load(&path)?;
+    let model = crate::quantize::load_model(&path, a.quantize.as_deref())?;
     let model_sha256 = crate::bench::model_hash(&path)?;
     let weights = DeviceWeights::new(&backend, &model.weights)?;
     let sampler = match a.temp {
