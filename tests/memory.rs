@@ -48,6 +48,7 @@ fn check(model_path: &Path, prompt_tokens: usize, gen_tokens: usize) {
             json: false,
             quiet: true,
             seed: 0,
+            quantize: None,
         };
         let row = bench_row(&a, &model, model_path, &ProgressBar::hidden()).unwrap();
         let m = MemoryArgs {
