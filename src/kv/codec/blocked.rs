@@ -249,6 +249,12 @@ pub(crate) struct Blocked {
     heads: Vec<Head>,
 }
 
+thread_local! {
+    /// A block's low-rank `B` in f32 while its rows are decoded (reused, so decoding allocates
+    /// nothing per step).
+    static B_F32: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The power-iteration seed of block `blk` of head `g`.
 pub(crate) fn block_seed(seed: u64, g: usize, blk: u64) -> u64 {
     seed ^ (g as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ blk.wrapping_mul(0xD1B5_4A32_D192_ED03)
@@ -360,16 +366,21 @@ impl Blocked {
     pub(crate) fn for_each_decoded(&self, g: usize, value: bool, n: usize, f: &mut dyn FnMut(usize, &[f32])) {
         let d = self.head_dim;
         let Some(head) = self.heads.get(g) else { return };
-        let mut bf = Vec::new();
         let mut off = 0;
-        for b in &head.blocks {
-            if off >= n {
-                return;
+        B_F32.with(|cell| {
+            let mut bf = cell.borrow_mut();
+            for b in &head.blocks {
+                if off >= n {
+                    return;
+                }
+                let m = (n - off).min(b.n);
+                let part = if value { &b.v } else { &b.k };
+                part.for_decoded_rows(m, d, &mut bf, &mut |j, x| f(off + j, x));
+                off += m;
             }
-            let m = (n - off).min(b.n);
-            let part = if value { &b.v } else { &b.k };
-            part.for_decoded_rows(m, d, &mut bf, &mut |j, x| f(off + j, x));
-            off += m;
+        });
+        if off >= n {
+            return;
         }
         let buf = if value { &head.buf_v } else { &head.buf_k };
         let mut row = [0f32; MAX_HEAD_DIM];
