@@ -22,8 +22,8 @@
 //! exactly, then evicted from and compressed, so only one batch per layer is ever held in f16.
 
 use anyhow::{bail, Context, Result};
-use rayon::prelude::*;
 
+use crate::backend::cpu::pool;
 use crate::kv::codec::blocked::dot;
 use crate::kv::codec::{make_codec, Backbone, Codec, CodecParams, KvBytes};
 use crate::kv::policy::{make_policy, Policy, PolicyParams};
@@ -262,7 +262,8 @@ impl StrategyLayer {
         let n_chunks = n_tokens.div_ceil(QUERY_CHUNK);
         self.work.resize_with(n_kv * n_chunks, AttnWork::default);
         let codec = &*self.codec;
-        self.work[..n_kv * n_chunks].par_iter_mut().enumerate().for_each(|(task, w)| {
+        pool::for_each_chunk_mut(&mut self.work[..n_kv * n_chunks], 1, |task, w| {
+            let w = &mut w[0];
             let (g, c) = (task / n_chunks, task % n_chunks);
             let t0 = c * QUERY_CHUNK;
             let t1 = (t0 + QUERY_CHUNK).min(n_tokens);

@@ -2,9 +2,9 @@
 //! [`Cpu`] type that implements [`Backend`] with the kernels its [`CpuKind`] names.
 
 pub mod fast;
+pub mod pool;
 pub mod reference;
 
-use rayon::prelude::*;
 use anyhow::{bail, Result};
 use half::f16;
 
@@ -50,7 +50,7 @@ impl Backend for Cpu {
     fn describe(&self) -> String {
         match self.kind {
             CpuKind::Reference => "cpu-reference".to_string(),
-            CpuKind::Fast => format!("cpu-fast ({} threads, {})", rayon::current_num_threads(), fast::simd_level()),
+            CpuKind::Fast => format!("cpu-fast ({} threads, {})", pool::n_threads(), fast::simd_level()),
         }
     }
 
@@ -246,7 +246,7 @@ impl Backend for Cpu {
         Ok(layer.clone())
     }
 
-    /// Host memory copy bandwidth on the rayon pool: 256 MiB copied between two buffers, best of
+    /// Host memory copy bandwidth on the backend's thread pool: 256 MiB copied between two buffers, best of
     /// 5, as (bytes read + bytes written) / time, the convention of the CUDA figure.
     fn copy_bandwidth_gb_s(&self) -> Result<Option<f64>> {
         Ok(Some(host_copy_bandwidth_gb_s(256 << 20, 5)))
@@ -274,11 +274,11 @@ pub fn host_copy_bandwidth_gb_s(bytes: usize, reps: usize) -> f64 {
     let n = bytes / 8;
     let src: Vec<u64> = (0..n as u64).collect();
     let mut dst = vec![0u64; n];
-    let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(1);
+    let chunk = n.div_ceil(pool::n_threads() * 4).max(1);
     let mut best = f64::INFINITY;
     for _ in 0..reps.max(1) {
         let t = std::time::Instant::now();
-        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+        pool::for_each_chunk_mut(&mut dst, chunk, |i, d| d.copy_from_slice(&src[i * chunk..][..d.len()]));
         best = best.min(t.elapsed().as_secs_f64());
         std::hint::black_box(&dst);
     }
