@@ -147,6 +147,37 @@ fn quantize_q8(x: &[f32], out: &mut Q8Row) {
     }
 }
 
+/// Four consecutive activation blocks laid out for [`x86::dot_q4_0`]: the int8 codes of
+/// elements 0..16 and 16..32 of each block (dotted with a Q4_0 block's low and high nibbles), for
+/// each of the 4 lanes a block's dot products fill `-8 * (x[4j..4j+4] + x[16+4j..16+4j+4])` (Q4_0's
+/// offset folded into the integer sum), and the blocks' scales.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct XGroup {
+    lo: [i8; 64],
+    hi: [i8; 64],
+    corr: [i32; 16],
+    d: [f32; 4],
+}
+
+/// The activation row `x` (a multiple of 4 blocks) as groups of 4 blocks.
+fn xgroups(x: &Q8Row, out: &mut Vec<XGroup>) {
+    out.clear();
+    for (q, d) in x.qs.chunks_exact(128).zip(x.d.chunks_exact(4)) {
+        let mut g = XGroup { lo: [0; 64], hi: [0; 64], corr: [0; 16], d: [0.0; 4] };
+        for (i, qb) in q.chunks_exact(32).enumerate() {
+            g.lo[16 * i..16 * i + 16].copy_from_slice(&qb[..16]);
+            g.hi[16 * i..16 * i + 16].copy_from_slice(&qb[16..]);
+            for j in 0..4 {
+                let s: i32 = (0..4).map(|k| qb[4 * j + k] as i32 + qb[16 + 4 * j + k] as i32).sum();
+                g.corr[4 * i + j] = -8 * s;
+            }
+            g.d[i] = d[i];
+        }
+        out.push(g);
+    }
+}
+
 /// How a 32-element block type stores its codes.
 #[derive(Clone, Copy)]
 struct BlockKind {
@@ -225,6 +256,7 @@ fn dot_row_scalar(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
 mod x86 {
     use super::{BlockKind, Q8Row};
     use std::arch::x86_64::*;
+
 
     /// 32 unsigned codes of a 4/5-bit block, in element order, in one register.
     #[inline]
@@ -441,6 +473,158 @@ mod x86 {
         };
     }
 
+    /// Dot products of one Q4_0 row (`ng` groups of 4 blocks at `p`) with N activation rows,
+    /// 4 blocks at a time in 512-bit registers: each block's 16 code bytes go to one 128-bit lane,
+    /// the low and high nibbles are dotted with the block's first and second 16 activations by
+    /// two `vpdpbusd`s that start from the offset correction, and each lane's 4 partial sums are
+    /// scaled by its block's `d_w * d_x` into the accumulator. The row is read front to back, one
+    /// stream for the prefetchers; its codes and scales are unpacked once for all N rows.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_q4_0<const N: usize>(p: *const u8, ng: usize, xs: &[&[super::XGroup]], out: &mut [f32]) {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let expand = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        let mut acc = [_mm512_setzero_ps(); N];
+        let xp: [*const super::XGroup; N] = std::array::from_fn(|t| xs[t].as_ptr());
+        for g in 0..ng {
+            let b = p.add(g * 72);
+            let q01 = _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(b.add(2) as *const __m128i)),
+                _mm_loadu_si128(b.add(20) as *const __m128i),
+            );
+            let q23 = _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(b.add(38) as *const __m128i)),
+                _mm_loadu_si128(b.add(56) as *const __m128i),
+            );
+            let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q01), q23);
+            let lo = _mm512_and_si512(q, m4);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+            let rd = |i: usize| (b.add(18 * i) as *const u16).read_unaligned() as i16;
+            let dw = _mm_cvtph_ps(_mm_setr_epi16(rd(0), rd(1), rd(2), rd(3), 0, 0, 0, 0));
+            for t in 0..N {
+                let xg = &*xp[t].add(g);
+                let corr = _mm512_load_si512(xg.corr.as_ptr() as *const __m512i);
+                let xlo = _mm512_load_si512(xg.lo.as_ptr() as *const __m512i);
+                let xhi = _mm512_load_si512(xg.hi.as_ptr() as *const __m512i);
+                let isum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(corr, lo, xlo), hi, xhi);
+                let sc = _mm_mul_ps(dw, _mm_load_ps(xg.d.as_ptr()));
+                let sc = _mm512_permutexvar_ps(expand, _mm512_castps128_ps512(sc));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[t]);
+            }
+        }
+        for t in 0..N {
+            out[t] = _mm512_reduce_add_ps(acc[t]);
+        }
+    }
+
+    /// Dot products of 4 consecutive Q4_0 rows (the first at `p`, `row_bytes` apart, `4 * ng`
+    /// blocks each) with N activation rows, for prefill: each row's block takes one 128-bit lane,
+    /// so an activation block, loaded once, serves 4 rows. Four streams per thread slow decoding
+    /// (`dot_q4_0` reads one), but prefill reads each row from cache for many tokens.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot4_q4_0<const N: usize>(p: *const u8, row_bytes: usize, ng: usize, xs: &[&[super::XGroup]], out: &mut [[f32; 4]]) {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let expand = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        let mut acc = [_mm512_setzero_ps(); N];
+        let xp: [*const super::XGroup; N] = std::array::from_fn(|t| xs[t].as_ptr());
+        let rows = [p, p.add(row_bytes), p.add(2 * row_bytes), p.add(3 * row_bytes)];
+        for b in 0..4 * ng {
+            let o = b * 18;
+            let q01 = _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(rows[0].add(o + 2) as *const __m128i)),
+                _mm_loadu_si128(rows[1].add(o + 2) as *const __m128i),
+            );
+            let q23 = _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(rows[2].add(o + 2) as *const __m128i)),
+                _mm_loadu_si128(rows[3].add(o + 2) as *const __m128i),
+            );
+            let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q01), q23);
+            let lo = _mm512_and_si512(q, m4);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+            let rd = |r: usize| (rows[r].add(o) as *const u16).read_unaligned() as i16;
+            let dw = _mm_cvtph_ps(_mm_setr_epi16(rd(0), rd(1), rd(2), rd(3), 0, 0, 0, 0));
+            let dw = _mm512_permutexvar_ps(expand, _mm512_castps128_ps512(dw));
+            let (g, i) = (b / 4, b % 4);
+            for t in 0..N {
+                let xg = &*xp[t].add(g);
+                let xlo = _mm512_broadcast_i32x4(_mm_load_si128(xg.lo.as_ptr().add(16 * i) as *const __m128i));
+                let xhi = _mm512_broadcast_i32x4(_mm_load_si128(xg.hi.as_ptr().add(16 * i) as *const __m128i));
+                let corr = _mm512_broadcast_i32x4(_mm_load_si128(xg.corr.as_ptr().add(4 * i) as *const __m128i));
+                let isum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(corr, lo, xlo), hi, xhi);
+                let sc = _mm512_mul_ps(dw, _mm512_set1_ps(xg.d[i]));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[t]);
+            }
+        }
+        for t in 0..N {
+            let lanes: [__m128; 4] = [
+                _mm512_extractf32x4_ps::<0>(acc[t]),
+                _mm512_extractf32x4_ps::<1>(acc[t]),
+                _mm512_extractf32x4_ps::<2>(acc[t]),
+                _mm512_extractf32x4_ps::<3>(acc[t]),
+            ];
+            for (r, v) in lanes.into_iter().enumerate() {
+                let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+                out[t][r] = _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps::<1>(v, v)));
+            }
+        }
+    }
+
+    /// Dot products of one Q6_K row with 1 to 4 activation rows quantized in 32-value blocks.
+    /// Each 32 codes of a superblock are assembled in element order (4 low bits from `ql`, 2 high
+    /// from `qh`) and dotted with the activation block by `vpdpbusd`; lanes 0..4 and 4..8 are the
+    /// block's two 16-value sub-blocks, so `(sum q*x - 32 sum x)` times their scales is exact in
+    /// i32, and `d_w * d_x` scales it into the accumulator.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_q6_k(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+        match xs.len() {
+            1 => dot_q6_k_n::<1>(row, xs, out),
+            2 => dot_q6_k_n::<2>(row, xs, out),
+            3 => dot_q6_k_n::<3>(row, xs, out),
+            _ => dot_q6_k_n::<4>(row, xs, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn dot_q6_k_n<const N: usize>(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+        let nsb = row.len() / 210;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(0x03);
+        let k32 = _mm256_set1_epi8(32);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let xq: [*const i8; N] = std::array::from_fn(|t| xs[t].qs.as_ptr());
+        let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
+        for sb in 0..nsb {
+            let blk = row.as_ptr().add(sb * 210);
+            let d = f16_at(blk.add(208));
+            for n in 0..2 {
+                let ql = blk.add(64 * n);
+                let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
+                let sc = blk.add(192 + 8 * n) as *const i8;
+                let ql0 = _mm256_loadu_si256(ql as *const __m256i);
+                let ql1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let codes = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m2))),
+                    _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2))),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2))),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2))),
+                ];
+                for (m, &q) in codes.iter().enumerate() {
+                    let scale = _mm256_set_m128i(_mm_set1_epi32(*sc.add(2 * m + 1) as i32), _mm_set1_epi32(*sc.add(2 * m) as i32));
+                    let b = sb * 8 + n * 4 + m;
+                    for t in 0..N {
+                        let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
+                        let qx = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x);
+                        let sx = _mm256_dpbusd_epi32(_mm256_setzero_si256(), k32, x);
+                        let s = _mm256_mullo_epi32(_mm256_sub_epi32(qx, sx), scale);
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * *xd[t].add(b)), acc[t]);
+                    }
+                }
+            }
+        }
+        for t in 0..N {
+            out[t] = hsum(acc[t]);
+        }
+    }
+
     dot_rows!(dot_rows_avx2, dot_rows_avx2_n, dot_rows_avx2_impl, "avx2,fma,f16c", idot_avx2);
     dot_rows!(dot_rows_vnni, dot_rows_vnni_n, dot_rows_vnni_impl, "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw", idot_vnni);
 
@@ -583,6 +767,103 @@ thread_local! {
     static Q8_SCRATCH: RefCell<Vec<Q8Row>> = const { RefCell::new(Vec::new()) };
 }
 
+thread_local! {
+    static XGROUP_SCRATCH: RefCell<Vec<Vec<XGroup>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Q4_0 rows of a multiple of 4 blocks with AVX-512: a row at a time when decoding
+/// ([`x86::dot_q4_0`]), 4 rows at a time in prefill ([`x86::dot4_q4_0`]). The sums are associated
+/// differently from `dot_rows` (16 lanes over 4 blocks rather than 8 over one), which llama.cpp
+/// does not reproduce either: it repacks Q4_0 for its own 8-row kernel.
+#[cfg(target_arch = "x86_64")]
+fn matmul_q4_0(w: &Tensor, x: &[f32], n_tokens: usize, rows_per_task: usize, outp: OutPtr) {
+    let (n_cols, n_rows) = (w.n_cols, w.n_rows);
+    let ng = n_cols / 128;
+    XGROUP_SCRATCH.with(|cell| {
+        let mut xgs = cell.borrow_mut();
+        if xgs.len() < n_tokens {
+            xgs.resize_with(n_tokens, Vec::new);
+        }
+        let prepare = |t: usize, xg: &mut Vec<XGroup>| {
+            Q8_SCRATCH.with(|q| {
+                let mut q = q.borrow_mut();
+                if q.is_empty() {
+                    q.push(Q8Row::default());
+                }
+                quantize_q8(&x[t * n_cols..(t + 1) * n_cols], &mut q[0]);
+                xgroups(&q[0], xg);
+            })
+        };
+        if n_tokens < PARALLEL_QUANTIZE_TOKENS {
+            for (t, xg) in xgs[..n_tokens].iter_mut().enumerate() {
+                prepare(t, xg);
+            }
+        } else {
+            pool::for_each_chunk_mut(&mut xgs[..n_tokens], 1, |t, xg| prepare(t, &mut xg[0]));
+        }
+        let xgs = &xgs[..n_tokens];
+        if n_tokens > TOKEN_TILE && n_rows % 4 == 0 && rows_per_task % 4 == 0 {
+            let rb = w.row_bytes();
+            pool::for_each(n_rows.div_ceil(rows_per_task), |task| {
+                let outp = outp;
+                let r1 = ((task + 1) * rows_per_task).min(n_rows);
+                let mut res = [[0.0f32; 4]; TOKEN_TILE];
+                for r in (task * rows_per_task..r1).step_by(4) {
+                    let p = w.row(r).as_ptr();
+                    for t0 in (0..n_tokens).step_by(TOKEN_TILE) {
+                        let nt = (n_tokens - t0).min(TOKEN_TILE);
+                        let xs: [&[XGroup]; TOKEN_TILE] = std::array::from_fn(|i| &xgs[t0 + i.min(nt - 1)][..ng]);
+                        // SAFETY: AVX-512 VNNI was detected; rows r..r+4 are whole rows of the
+                        // tensor (n_rows and the task's first row are multiples of 4), each of
+                        // `ng` groups of 4 blocks, as is every activation row.
+                        unsafe {
+                            match nt {
+                                1 => x86::dot4_q4_0::<1>(p, rb, ng, &xs, &mut res),
+                                2 => x86::dot4_q4_0::<2>(p, rb, ng, &xs, &mut res),
+                                3 => x86::dot4_q4_0::<3>(p, rb, ng, &xs, &mut res),
+                                _ => x86::dot4_q4_0::<4>(p, rb, ng, &xs, &mut res),
+                            }
+                        }
+                        for (i, rs) in res[..nt].iter().enumerate() {
+                            for (j, &v) in rs.iter().enumerate() {
+                                // SAFETY: each (token, row) pair is written by exactly one task.
+                                unsafe { *outp.0.add((t0 + i) * n_rows + r + j) = v };
+                            }
+                        }
+                    }
+                }
+            });
+            return;
+        }
+        pool::for_each(n_rows.div_ceil(rows_per_task), |task| {
+            let outp = outp;
+            let r1 = ((task + 1) * rows_per_task).min(n_rows);
+            let mut res = [0.0f32; TOKEN_TILE];
+            for r in task * rows_per_task..r1 {
+                let p = w.row(r).as_ptr();
+                for t0 in (0..n_tokens).step_by(TOKEN_TILE) {
+                    let nt = (n_tokens - t0).min(TOKEN_TILE);
+                    let xs: [&[XGroup]; TOKEN_TILE] = std::array::from_fn(|i| &xgs[t0 + i.min(nt - 1)][..ng]);
+                    // SAFETY: AVX-512 VNNI was detected; the row holds `ng` groups of 4 blocks and
+                    // every activation row `ng` groups.
+                    unsafe {
+                        match nt {
+                            1 => x86::dot_q4_0::<1>(p, ng, &xs, &mut res),
+                            2 => x86::dot_q4_0::<2>(p, ng, &xs, &mut res),
+                            3 => x86::dot_q4_0::<3>(p, ng, &xs, &mut res),
+                            _ => x86::dot_q4_0::<4>(p, ng, &xs, &mut res),
+                        }
+                    }
+                    for (i, &v) in res[..nt].iter().enumerate() {
+                        // SAFETY: each (token, row) pair is written by exactly one task.
+                        unsafe { *outp.0.add((t0 + i) * n_rows + r) = v };
+                    }
+                }
+            }
+        });
+    });
+}
+
 /// `out[t, r] = sum_c w[r, c] * x[t, c]` (see the module comment for the numerics).
 pub fn matmul(w: &Tensor, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Result<()> {
     let (n_cols, n_rows) = (w.n_cols, w.n_rows);
@@ -593,7 +874,25 @@ pub fn matmul(w: &Tensor, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Result
     // many tokens, and small tasks balance it better.
     let rows_per_task = if n_tokens <= TOKEN_TILE { n_rows.div_ceil(pool::n_threads()).max(ROWS_PER_TASK) } else { ROWS_PER_TASK };
     let n_tasks = n_rows.div_ceil(rows_per_task);
-    if let Some(k) = block_kind(w.ty) {
+    #[cfg(target_arch = "x86_64")]
+    if w.ty == GgmlType::Q4_0 && simd() == Simd::Avx512Vnni && n_cols % 128 == 0 {
+        matmul_q4_0(w, x, n_tokens, rows_per_task, outp);
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    let q6_k = w.ty == GgmlType::Q6K && simd() == Simd::Avx512Vnni;
+    #[cfg(not(target_arch = "x86_64"))]
+    let q6_k = false;
+    let kind = block_kind(w.ty);
+    if kind.is_some() || q6_k {
+        let dot = |row: &[u8], xs: &[&Q8Row], res: &mut [f32]| match kind {
+            Some(k) => dot_rows(k, row, xs, res),
+            // SAFETY: `q6_k` holds only where AVX-512 VNNI was detected.
+            #[cfg(target_arch = "x86_64")]
+            None => unsafe { x86::dot_q6_k(row, xs, res) },
+            #[cfg(not(target_arch = "x86_64"))]
+            None => unreachable!(),
+        };
         Q8_SCRATCH.with(|cell| {
             let mut qrows = cell.borrow_mut();
             if qrows.len() < n_tokens {
@@ -616,7 +915,7 @@ pub fn matmul(w: &Tensor, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Result
                     for t0 in (0..n_tokens).step_by(TOKEN_TILE) {
                         let nt = (n_tokens - t0).min(TOKEN_TILE);
                         let xs: [&Q8Row; TOKEN_TILE] = std::array::from_fn(|i| &qrows[t0 + i.min(nt - 1)]);
-                        dot_rows(k, row, &xs[..nt], &mut res[..nt]);
+                        dot(row, &xs[..nt], &mut res[..nt]);
                         for i in 0..nt {
                             // SAFETY: each (token, row) pair is written by exactly one task.
                             unsafe { *outp.0.add((t0 + i) * n_rows + r) = res[i] };
