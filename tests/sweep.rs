@@ -130,3 +130,51 @@ batch = [1, 8]
     let bad = kvgear().args(["sweep", "--shard", "3/3", "--grid"]).arg(&grid).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("0 <= K < N"));
 }
+
+#[test]
+fn an_eval_grid_runs_each_strategy_against_fp16_and_resumes() {
+    let (Some(cot), Some(train), Some(model)) = (common::shared("data/gsm8k/cot_8shot.txt"), common::shared("data/gsm8k/train.jsonl"), common::default_model()) else {
+        return;
+    };
+    // Two exemplars and two problems, four new tokens each: a small eval per point.
+    let data = common::temp_path("sweep-eval-data");
+    std::fs::create_dir_all(data.join("gsm8k")).unwrap();
+    let cot = std::fs::read_to_string(cot).unwrap();
+    std::fs::write(data.join("gsm8k/cot_8shot.txt"), cot.split("\n\n").take(2).collect::<Vec<_>>().join("\n\n")).unwrap();
+    let train = std::fs::read_to_string(train).unwrap();
+    std::fs::write(data.join("gsm8k/train.jsonl"), train.lines().take(2).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let out = common::temp_path("sweep-eval-out");
+    let _ = std::fs::remove_dir_all(&out);
+    let grid = common::temp_path("sweep-eval.toml");
+    let csv = common::temp_path("sweep-eval.csv");
+    let _ = std::fs::remove_file(&csv);
+    std::fs::write(
+        &grid,
+        format!(
+            "workload = \"eval\"\n[options]\nmodel = \"{}\"\ntask = \"gsm8k:train\"\ndata = \"{}\"\nout = \"{}\"\nlimit = 2\nmax_new_tokens = 4\nvs = \"fp16\"\n[[grid]]\nstrategy = [\"fp16\", \"gear\"]\n",
+            model.display(),
+            data.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let st = kvgear().args(["sweep", "--quiet", "--threads", "2", "--grid"]).arg(&grid).arg("--csv").arg(&csv).stdout(Stdio::null()).status().unwrap();
+        assert!(st.success(), "sweep failed: {st:?}");
+    }
+    let mut r = csv::Reader::from_path(&csv).unwrap();
+    let h = r.headers().unwrap().clone();
+    let rows: Vec<csv::StringRecord> = r.records().map(|x| x.unwrap()).collect();
+    let col = |row: &csv::StringRecord, name: &str| row[h.iter().position(|c| c == name).unwrap_or_else(|| panic!("no column {name}"))].to_string();
+    assert_eq!(rows.len(), 2, "one row per point, the second sweep ran nothing");
+    assert_eq!(col(&rows[0], "strategy"), "fp16");
+    assert_eq!(col(&rows[0], "agreement"), "", "fp16 is its own baseline");
+    assert_eq!(col(&rows[1], "strategy"), "gear");
+    assert_eq!(col(&rows[1], "n_examples"), "2");
+    assert_eq!(col(&rows[1], "n_compared"), "2");
+    let agreement: f64 = col(&rows[1], "agreement").parse().unwrap();
+    assert!((0.0..=1.0).contains(&agreement));
+    // Each point's examples are in its run's JSONL, which a rerun of the point would resume.
+    let jsonls = std::fs::read_dir(&out).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "jsonl")).count();
+    assert_eq!(jsonls, 2);
+}

@@ -1,7 +1,7 @@
 //! `kvgear sweep --grid GRID.toml`: a grid of strategies, parameters, models and workloads, run as
 //! cartesian products, one CSV row per point, appended as each point finishes.
 //!
-//! A grid file names one workload (`compare`, `bench`, `memory`; `eval` once the harness exists),
+//! A grid file names one workload (`compare`, `bench`, `memory` or `eval`),
 //! fixed `[options]` and one or more `[[grid]]` blocks. Every key is the workload command's own
 //! flag without its dashes (`max_tokens` is `--max-tokens`), a `--kv` parameter (`bits`,
 //! `budget`, ...), `strategy`, or `model` (`"default"` for the default model); in a block, a list
@@ -30,8 +30,12 @@
 //! index is K mod N (K from 0), into its own CSV by default; shards' CSVs share the header and
 //! concatenate.
 //!
-//! Adding a workload (the eval harness): a `PointArgs` variant holding the command's clap args,
-//! one arm in `PointArgs::parse` and one in `PointArgs::run` returning its row.
+//! An `eval` point is `kvgear eval` with the point's flags: its examples go to the run's own JSONL
+//! in `out` (so a killed sweep also resumes inside a point), and its row is the run's summary
+//! (over all its tasks when it names several), agreement included with `vs = "fp16"`.
+//!
+//! Adding a workload: a `PointArgs` variant holding the command's clap args, one arm in
+//! `PointArgs::parse` and one in `PointArgs::run` returning its row.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -44,6 +48,7 @@ use serde::Deserialize;
 
 use super::memory::{MemoryArgs, MemoryRow};
 use super::{csvlog, BenchArgs, CompareArgs};
+use crate::eval::EvalArgs;
 use crate::kv::strategy::{takes, StrategySpec, PARAMS};
 use crate::model::Model;
 
@@ -282,6 +287,7 @@ pub enum PointArgs {
     Compare(CompareArgs),
     Bench(BenchArgs),
     Memory(MemoryArgs),
+    Eval(EvalArgs),
 }
 
 fn parse_as<T: clap::Args + clap::FromArgMatches>(name: &'static str, argv: &[String]) -> Result<T> {
@@ -298,13 +304,14 @@ impl PointArgs {
             "compare" => PointArgs::Compare(parse_as("compare", &argv)?),
             "bench" => PointArgs::Bench(parse_as("bench", &argv)?),
             "memory" => PointArgs::Memory(parse_as("memory", &argv)?),
-            "eval" => bail!("the eval workload needs `kvgear eval`, which this build does not have yet"),
+            "eval" => PointArgs::Eval(parse_as("eval", &argv)?),
             w => bail!("unknown workload '{w}'"),
         };
         match &args {
             PointArgs::Compare(a) => StrategySpec::parse(&a.strategy, &a.kv, a.seed).map(|_| ()),
             PointArgs::Bench(a) => StrategySpec::parse(&a.strategy, &a.kv, a.seed).map(|_| ()),
             PointArgs::Memory(a) => super::memory::report(a).map(|_| ()),
+            PointArgs::Eval(a) => StrategySpec::parse(&a.strategy, &a.kv, a.seed).map(|_| ()),
         }?;
         Ok(args)
     }
@@ -314,6 +321,17 @@ impl PointArgs {
             PointArgs::Compare(a) => a.model.as_deref(),
             PointArgs::Bench(a) => a.model.as_deref(),
             PointArgs::Memory(_) => None,
+            PointArgs::Eval(a) => a.model.as_deref(),
+        }
+    }
+
+    /// The in-memory quantization the point asks for (`quantize`).
+    fn quantize(&self) -> Option<&str> {
+        match self {
+            PointArgs::Compare(a) => a.quantize.as_deref(),
+            PointArgs::Bench(a) => a.quantize.as_deref(),
+            PointArgs::Memory(_) => None,
+            PointArgs::Eval(a) => a.quantize.as_deref(),
         }
     }
 
@@ -325,32 +343,37 @@ impl PointArgs {
         }
         match self {
             PointArgs::Compare(a) => {
-                let (path, model) = models.get(self.model())?;
+                let (path, model) = models.get(self.model(), self.quantize())?;
                 out(&super::compare_row(a, model, path, bar)?)
             }
             PointArgs::Bench(a) => {
-                let (path, model) = models.get(self.model())?;
+                let (path, model) = models.get(self.model(), self.quantize())?;
                 out(&super::bench_row(a, model, path, bar)?)
             }
             PointArgs::Memory(a) => out(&MemoryRow::from(super::memory::report(a)?)),
+            PointArgs::Eval(a) => {
+                let (path, model) = models.get(self.model(), self.quantize())?;
+                out(&crate::eval::sweep_row(a, model, path)?)
+            }
         }
     }
 }
 
-/// The last model loaded (points are ordered with the model outermost, so each loads once).
+/// The last model loaded, with its in-memory quantization (points are ordered with the model
+/// outermost, so each loads once).
 #[derive(Default)]
 struct ModelCache {
-    arg: Option<Option<PathBuf>>,
+    arg: Option<(Option<PathBuf>, Option<String>)>,
     loaded: Option<(PathBuf, Model)>,
 }
 
 impl ModelCache {
-    fn get(&mut self, arg: Option<&Path>) -> Result<(&Path, &Model)> {
-        let want = arg.map(Path::to_path_buf);
+    fn get(&mut self, arg: Option<&Path>, quantize: Option<&str>) -> Result<(&Path, &Model)> {
+        let want = (arg.map(Path::to_path_buf), quantize.map(str::to_string));
         if self.arg.as_ref() != Some(&want) || self.loaded.is_none() {
             self.loaded = None;
             let path = crate::fetch::resolve_model(arg)?;
-            let model = Model::load(&path)?;
+            let model = crate::quantize::load_model(&path, quantize)?;
             self.loaded = Some((path, model));
             self.arg = Some(want);
         }

@@ -536,6 +536,23 @@ pub fn command(a: &EvalArgs) -> Result<()> {
         }
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
     }
+    let path = crate::fetch::resolve_model(a.model.as_deref())?;
+    let model = crate::quantize::load_model(&path, a.quantize.as_deref())?;
+    run_with_model(a, &model, &path).map(|_| ())
+}
+
+/// A sweep point's eval: the run (and its baseline's, with `--vs`) on a model already loaded,
+/// resumed from its JSONL as `kvgear eval` would; returns the run's summary row (over all the
+/// tasks when there are several) without appending it to `--csv`.
+pub fn sweep_row(a: &EvalArgs, model: &Model, path: &Path) -> Result<EvalRow> {
+    let mut a = a.clone();
+    a.no_csv = true;
+    let rows = run_with_model(&a, model, path)?;
+    rows.into_iter().last().with_context(|| format!("eval of {} gave no summary: no examples were selected", a.task))
+}
+
+/// `kvgear eval` on a loaded model (from `path`); returns the strategy run's summary rows.
+fn run_with_model(a: &EvalArgs, model: &Model, path: &Path) -> Result<Vec<EvalRow>> {
     if a.batch == 0 || a.max_new_tokens == 0 {
         bail!("--batch and --max-new-tokens must be positive");
     }
@@ -553,16 +570,14 @@ pub fn command(a: &EvalArgs) -> Result<()> {
     for n in &set.notes {
         eprintln!("note: {n}");
     }
-    let path = crate::fetch::resolve_model(a.model.as_deref())?;
-    let model = crate::quantize::load_model(&path, a.quantize.as_deref())?;
-    let model_sha256 = crate::bench::model_hash(&path)?;
+    let model_sha256 = crate::bench::model_hash(path)?;
     let weights = DeviceWeights::new(&backend, &model.weights)?;
     let sampler = match a.temp {
         Some(t) if t > 0.0 => SamplerConfig { temperature: t, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
         _ => SamplerConfig::greedy(),
     };
     let settings = RunSettings { max_new_tokens: a.max_new_tokens, n_batch: a.batch, sampler, stops: set.stops.clone() };
-    let ctx = RunContext { a, set: &set, model: &model, model_sha256: &model_sha256, backend: &backend, weights: &weights };
+    let ctx = RunContext { a, set: &set, model, model_sha256: &model_sha256, backend: &backend, weights: &weights };
     let baseline = match (&a.baseline, &a.vs) {
         (Some(b), _) => Some(b.clone()),
         (None, Some(vs)) => {
@@ -571,13 +586,12 @@ pub fn command(a: &EvalArgs) -> Result<()> {
                 None
             } else {
                 eprintln!("baseline: {vs}");
-                Some(ctx.run_one(&base_spec, &settings, None, None, false)?)
+                Some(ctx.run_one(&base_spec, &settings, None, None, false)?.0)
             }
         }
         (None, None) => None,
     };
-    ctx.run_one(&spec, &settings, baseline.as_deref(), a.jsonl.as_deref(), true)?;
-    Ok(())
+    Ok(ctx.run_one(&spec, &settings, baseline.as_deref(), a.jsonl.as_deref(), true)?.1)
 }
 
 struct RunContext<'a> {
@@ -592,7 +606,7 @@ struct RunContext<'a> {
 impl RunContext<'_> {
     /// Runs (or resumes) one strategy over the task and writes its summary rows (a baseline run
     /// that had nothing left to do writes none, so that its rows are not repeated); returns its
-    /// JSONL.
+    /// JSONL and the rows.
     fn run_one(
         &self,
         spec: &StrategySpec,
@@ -600,7 +614,7 @@ impl RunContext<'_> {
         baseline_path: Option<&Path>,
         jsonl: Option<&Path>,
         always_report: bool,
-    ) -> Result<PathBuf> {
+    ) -> Result<(PathBuf, Vec<EvalRow>)> {
         let a = self.a;
         let set = self.set;
         let jsonl = jsonl.map_or_else(|| default_jsonl(&a.out, &set.name, spec, self.model_sha256), Path::to_path_buf);
@@ -709,13 +723,11 @@ impl RunContext<'_> {
             Ok(())
         })?;
         bar.finish_and_clear();
-        if always_report || !todo.is_empty() {
-            self.report(spec, &jsonl, &done, baseline.as_ref(), baseline_path)?;
-        }
-        Ok(jsonl)
+        let rows = if always_report || !todo.is_empty() { self.report(spec, &jsonl, &done, baseline.as_ref(), baseline_path)? } else { Vec::new() };
+        Ok((jsonl, rows))
     }
 
-    /// Prints the summary of each task and appends the CSV rows.
+    /// Prints the summary of each task, appends the CSV rows (unless --no-csv) and returns them.
     fn report(
         &self,
         spec: &StrategySpec,
@@ -723,8 +735,9 @@ impl RunContext<'_> {
         done: &HashMap<(String, String), Record>,
         baseline: Option<&HashMap<(String, String), Record>>,
         baseline_path: Option<&Path>,
-    ) -> Result<()> {
+    ) -> Result<Vec<EvalRow>> {
         let set = self.set;
+        let mut rows = Vec::new();
         let mut tasks: Vec<&str> = Vec::new();
         for e in &set.examples {
             if !tasks.contains(&e.task.as_str()) {
@@ -753,9 +766,6 @@ impl RunContext<'_> {
                 s.accuracy.n,
                 s.n_no_answer
             );
-            if self.a.no_csv {
-                continue;
-            }
             let row = EvalRow {
                 timestamp: crate::bench::now_rfc3339(),
                 commit: commit.clone(),
@@ -795,11 +805,14 @@ impl RunContext<'_> {
                 prefix_reuse: !self.a.no_prefix_reuse && prefix_reusable(spec),
                 jsonl: jsonl.display().to_string(),
             };
-            crate::bench::csvlog::append(&self.a.csv, &row)?;
+            if !self.a.no_csv {
+                crate::bench::csvlog::append(&self.a.csv, &row)?;
+            }
+            rows.push(row);
         }
         if !self.a.no_csv {
             eprintln!("appended to {}", self.a.csv.display());
         }
-        Ok(())
+        Ok(rows)
     }
 }
