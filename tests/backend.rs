@@ -73,7 +73,7 @@ fn matmul_matches_reference_for_every_type_and_simd_path() {
                 reference::matmul(&w, &x, n_tokens, &mut want).unwrap();
                 fast::matmul(&w, &x, n_tokens, &mut got).unwrap();
                 assert!(got.iter().all(|v| v.is_finite()), "{ty} {level:?}: unwritten output");
-                let tol = if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 | GgmlType::Q6K) {
+                let tol = if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K) {
                     QUANT_ACT_TOL
                 } else {
                     FLOAT_TOL

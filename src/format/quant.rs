@@ -313,7 +313,7 @@ fn dequantize_q5_1(b: &[u8], y: &mut [f32]) {
 /// - sub-blocks 4..8: low 4 bits of the scale in the low nibble of `s[j + 4]`, low 4 bits of the
 ///   min in its high nibble; the top 2 bits of the scale are the top 2 bits of `s[j - 4]`, the top
 ///   2 bits of the min the top 2 bits of `s[j]`.
-fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {

@@ -10,7 +10,9 @@
 //!   is quantized as `quantize_row_q8_0/q8_1` do (`x * (127/amax)` rounded half to even, an f16
 //!   scale, and for Q8_1 the f16 `d * sum`); a weight block contributes `fma(d_w*d_x,
 //!   isum, acc)` across 8 lanes, its minimum `fma(m_w, s_x, summs)`; lanes are folded as
-//!   `hsum_float_8`. The k-quants and float types are dequantized block by block and dotted in f32.
+//!   `hsum_float_8`. With AVX-512 VNNI, Q4_K and Q6_K dot their codes with the same int8
+//!   activations (llama.cpp uses Q8_K, so these differ from it); the other k-quants and the float
+//!   types, and every k-quant without VNNI, are dequantized block by block and dotted in f32.
 //! - RMSNorm: squares in f32 summed in f64, mean and scale in f32, `(x * scale) * w`.
 //! - RoPE: angles `pos * theta_scale^i` by repeated f32 multiplication, `sinf`/`cosf`, and the
 //!   rotation `fma(x0, cos, -(x1*sin))`, `fma(x0, sin, x1*cos)`.
@@ -568,6 +570,56 @@ mod x86 {
         }
     }
 
+    /// Dot products of one Q4_K row with 1 to 4 activation rows quantized in 32-value blocks,
+    /// which are Q4_K's sub-blocks: the 32 codes of a sub-block (low or high nibbles of 32 code
+    /// bytes) are dotted with the activation block by `vpdpbusd` and scaled by `d * sc * d_x`
+    /// into the accumulator; the minimum contributes `dmin * m * d_x * sum(x)`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_q4_k(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+        match xs.len() {
+            1 => dot_q4_k_n::<1>(row, xs, out),
+            2 => dot_q4_k_n::<2>(row, xs, out),
+            3 => dot_q4_k_n::<3>(row, xs, out),
+            _ => dot_q4_k_n::<4>(row, xs, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn dot_q4_k_n<const N: usize>(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+        let nsb = row.len() / 144;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut mins = [0.0f32; N];
+        let xq: [*const i8; N] = std::array::from_fn(|t| xs[t].qs.as_ptr());
+        let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
+        let xsum: [*const i32; N] = std::array::from_fn(|t| xs[t].sum.as_ptr());
+        for sb in 0..nsb {
+            let blk = &row[sb * 144..(sb + 1) * 144];
+            let (d, dmin) = (f16_at(blk.as_ptr()), f16_at(blk.as_ptr().add(2)));
+            let scales = &blk[4..16];
+            for c in 0..4 {
+                let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * c) as *const __m256i);
+                let codes = [_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4)];
+                for (h, &w) in codes.iter().enumerate() {
+                    let j = 2 * c + h;
+                    let (sc, m) = crate::format::quant::scale_min_k4(j, scales);
+                    let (ds, dm) = (d * f32::from(sc), dmin * f32::from(m));
+                    let b = sb * 8 + j;
+                    for t in 0..N {
+                        let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
+                        let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x));
+                        let dx = *xd[t].add(b);
+                        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ds * dx), s, acc[t]);
+                        mins[t] += dm * dx * *xsum[t].add(b) as f32;
+                    }
+                }
+            }
+        }
+        for t in 0..N {
+            out[t] = hsum(acc[t]) - mins[t];
+        }
+    }
+
     /// Dot products of one Q6_K row with 1 to 4 activation rows quantized in 32-value blocks.
     /// Each 32 codes of a superblock are assembled in element order (4 low bits from `ql`, 2 high
     /// from `qh`) and dotted with the activation block by `vpdpbusd`; lanes 0..4 and 4..8 are the
@@ -950,12 +1002,14 @@ pub fn matmul(w: &Tensor, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Result
         matmul_q4_0(w, x, n_tokens, rows_per_task, outp);
         return Ok(());
     }
+    // The k-quants with an integer kernel (AVX-512 VNNI only; elsewhere they are dequantized
+    // to f32 row by row).
     #[cfg(target_arch = "x86_64")]
-    let q6_k = w.ty == GgmlType::Q6K && simd() == Simd::Avx512Vnni;
+    let k_int = matches!(w.ty, GgmlType::Q4K | GgmlType::Q6K) && simd() == Simd::Avx512Vnni;
     #[cfg(not(target_arch = "x86_64"))]
-    let q6_k = false;
+    let k_int = false;
     let kind = block_kind(w.ty);
-    if kind.is_some() || q6_k {
+    if kind.is_some() || k_int {
         #[cfg(target_arch = "x86_64")]
         // Prefill only: with one token a row pair reads two streams, and decoding the default
         // model went from 128 to 110 tok/s (prefill from 320 to 400).
@@ -964,7 +1018,9 @@ pub fn matmul(w: &Tensor, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Result
         let pairs = false;
         let dot = |row: &[u8], xs: &[&Q8Row], res: &mut [f32]| match kind {
             Some(k) => dot_rows(k, row, xs, res),
-            // SAFETY: `q6_k` holds only where AVX-512 VNNI was detected.
+            // SAFETY: `k_int` holds only where AVX-512 VNNI was detected.
+            #[cfg(target_arch = "x86_64")]
+            None if w.ty == GgmlType::Q4K => unsafe { x86::dot_q4_k(row, xs, res) },
             #[cfg(target_arch = "x86_64")]
             None => unsafe { x86::dot_q6_k(row, xs, res) },
             #[cfg(not(target_arch = "x86_64"))]
