@@ -254,6 +254,20 @@ fn dot_row_scalar(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
     }
 }
 
+/// `$f::<N>(args)` with the token count `N` (1 to 4) a constant, so kernels keep one
+/// accumulator per token in registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_tokens {
+    ($n:expr, $($f:ident)::+ ($($a:expr),*)) => {
+        match $n {
+            1 => $($f)::+::<1>($($a),*),
+            2 => $($f)::+::<2>($($a),*),
+            3 => $($f)::+::<3>($($a),*),
+            _ => $($f)::+::<4>($($a),*),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{BlockKind, Q8Row};
@@ -465,12 +479,7 @@ mod x86 {
             /// Dot products of one weight row with 1 to 4 quantized activation rows.
             #[target_feature(enable = $feat)]
             pub unsafe fn $name(k: BlockKind, row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
-                match xs.len() {
-                    1 => $name_n::<1>(k, row, xs, out),
-                    2 => $name_n::<2>(k, row, xs, out),
-                    3 => $name_n::<3>(k, row, xs, out),
-                    _ => $name_n::<4>(k, row, xs, out),
-                }
+                with_tokens!(xs.len(), $name_n(k, row, xs, out))
             }
         };
     }
@@ -576,12 +585,7 @@ mod x86 {
     /// into the accumulator; the minimum contributes `dmin * m * d_x * sum(x)`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn dot_q4_k(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
-        match xs.len() {
-            1 => dot_q4_k_n::<1>(row, xs, out),
-            2 => dot_q4_k_n::<2>(row, xs, out),
-            3 => dot_q4_k_n::<3>(row, xs, out),
-            _ => dot_q4_k_n::<4>(row, xs, out),
-        }
+        with_tokens!(xs.len(), dot_q4_k_n(row, xs, out))
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -627,12 +631,7 @@ mod x86 {
     /// i32, and `d_w * d_x` scales it into the accumulator.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn dot_q6_k(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
-        match xs.len() {
-            1 => dot_q6_k_n::<1>(row, xs, out),
-            2 => dot_q6_k_n::<2>(row, xs, out),
-            3 => dot_q6_k_n::<3>(row, xs, out),
-            _ => dot_q6_k_n::<4>(row, xs, out),
-        }
+        with_tokens!(xs.len(), dot_q6_k_n(row, xs, out))
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -939,14 +938,7 @@ fn matmul_q4_0(w: &Tensor, x: &[f32], n_tokens: usize, rows_per_task: usize, out
                         // SAFETY: AVX-512 VNNI was detected; rows r..r+4 are whole rows of the
                         // tensor (n_rows and the task's first row are multiples of 4), each of
                         // `ng` groups of 4 blocks, as is every activation row.
-                        unsafe {
-                            match nt {
-                                1 => x86::dot4_q4_0::<1>(p, rb, ng, &xs, &mut res),
-                                2 => x86::dot4_q4_0::<2>(p, rb, ng, &xs, &mut res),
-                                3 => x86::dot4_q4_0::<3>(p, rb, ng, &xs, &mut res),
-                                _ => x86::dot4_q4_0::<4>(p, rb, ng, &xs, &mut res),
-                            }
-                        }
+                        unsafe { with_tokens!(nt, x86::dot4_q4_0(p, rb, ng, &xs, &mut res)) }
                         for (i, rs) in res[..nt].iter().enumerate() {
                             for (j, &v) in rs.iter().enumerate() {
                                 // SAFETY: each (token, row) pair is written by exactly one task.
@@ -969,14 +961,7 @@ fn matmul_q4_0(w: &Tensor, x: &[f32], n_tokens: usize, rows_per_task: usize, out
                     let xs: [&[XGroup]; TOKEN_TILE] = std::array::from_fn(|i| &xgs[t0 + i.min(nt - 1)][..ng]);
                     // SAFETY: AVX-512 VNNI was detected; the row holds `ng` groups of 4 blocks and
                     // every activation row `ng` groups.
-                    unsafe {
-                        match nt {
-                            1 => x86::dot_q4_0::<1>(p, ng, &xs, &mut res),
-                            2 => x86::dot_q4_0::<2>(p, ng, &xs, &mut res),
-                            3 => x86::dot_q4_0::<3>(p, ng, &xs, &mut res),
-                            _ => x86::dot_q4_0::<4>(p, ng, &xs, &mut res),
-                        }
-                    }
+                    unsafe { with_tokens!(nt, x86::dot_q4_0(p, ng, &xs, &mut res)) }
                     for (i, &v) in res[..nt].iter().enumerate() {
                         // SAFETY: each (token, row) pair is written by exactly one task.
                         unsafe { *outp.0.add((t0 + i) * n_rows + r) = v };
