@@ -24,7 +24,7 @@
 use anyhow::{bail, Context, Result};
 
 use crate::backend::cpu::pool;
-use crate::kv::codec::blocked::dot;
+use crate::kv::codec::blocked::{axpy, dot};
 use crate::kv::codec::{make_codec, Backbone, Codec, CodecParams, KvBytes};
 use crate::kv::policy::{make_policy, Policy, PolicyParams};
 
@@ -309,9 +309,7 @@ impl StrategyLayer {
                 for (i, oi) in o.chunks_exact_mut(hd).enumerate() {
                     let p = sc[i * n_max + j];
                     if p != 0.0 {
-                        for (x, &y) in oi.iter_mut().zip(v) {
-                            *x += p * y;
-                        }
+                        axpy(oi, p, v);
                     }
                 }
             });
