@@ -220,20 +220,33 @@ impl Part {
     fn for_decoded_rows(&self, n: usize, d: usize, bf: &mut Vec<f32>, f: &mut dyn FnMut(usize, &[f32])) {
         let r = self.lr.rank;
         if r > 0 {
+            // B (`[d, r]`) transposed to `[r, d]`: a row's low-rank term is then r vector
+            // multiply-adds, summed over k in the order `LowRank::entry` sums them.
             bf.clear();
-            bf.extend(self.lr.b.iter().map(|x| x.to_f32()));
+            bf.resize(r * d, 0.0);
+            for (c, bc) in self.lr.b.chunks_exact(r).enumerate() {
+                for (k, b) in bc.iter().enumerate() {
+                    bf[k * d + c] = b.to_f32();
+                }
+            }
         }
         let n_out = self.out.len();
         let mut oi = 0;
         let mut aj = [0f32; MAX_RANK];
         let mut buf = [0f32; MAX_HEAD_DIM];
+        let mut lbuf = [0f32; MAX_HEAD_DIM];
         let row = &mut buf[..d];
+        let lrow = &mut lbuf[..d];
         self.q.for_rows(n, |j, deq| {
             row.copy_from_slice(deq);
             if r > 0 {
                 self.lr.a_row(j, &mut aj[..r]);
-                for (x, bc) in row.iter_mut().zip(bf.chunks_exact(r)) {
-                    *x += dot(&aj[..r], bc);
+                lrow.fill(0.0);
+                for (k, &a) in aj[..r].iter().enumerate() {
+                    axpy(lrow, a, &bf[k * d..(k + 1) * d]);
+                }
+                for (x, &l) in row.iter_mut().zip(lrow.iter()) {
+                    *x += l;
                 }
             }
             while oi < n_out && self.out.pos(oi) < (j + 1) * d {
