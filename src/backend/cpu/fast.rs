@@ -923,7 +923,7 @@ fn matmul_q4_0(w: &Tensor, x: &[f32], n_tokens: usize, rows_per_task: usize, out
             pool::for_each_chunk_mut(&mut xgs[..n_tokens], 1, |t, xg| prepare(t, &mut xg[0]));
         }
         let xgs = &xgs[..n_tokens];
-        if n_tokens > TOKEN_TILE && n_rows % 4 == 0 && rows_per_task % 4 == 0 {
+        if n_tokens > TOKEN_TILE && n_rows.is_multiple_of(4) && rows_per_task.is_multiple_of(4) {
             let rb = w.row_bytes();
             pool::for_each(n_rows.div_ceil(rows_per_task), |task| {
                 let outp = outp;

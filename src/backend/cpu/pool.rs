@@ -172,7 +172,7 @@ fn wait_for_work(s: &Shared, seen: usize) -> usize {
             return g;
         }
         spins = spins.wrapping_add(1);
-        if spins % 1024 == 0 && start.elapsed() > SPIN {
+        if spins.is_multiple_of(1024) && start.elapsed() > SPIN {
             let mut guard = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.sleepers.fetch_add(1, Ordering::SeqCst);
             loop {
