@@ -262,8 +262,7 @@ impl StrategyLayer {
         let n_chunks = n_tokens.div_ceil(QUERY_CHUNK);
         self.work.resize_with(n_kv * n_chunks, AttnWork::default);
         let codec = &*self.codec;
-        pool::for_each_chunk_mut(&mut self.work[..n_kv * n_chunks], 1, |task, w| {
-            let w = &mut w[0];
+        pool::for_each_mut(&mut self.work[..n_kv * n_chunks], |task, w| {
             let (g, c) = (task / n_chunks, task % n_chunks);
             let t0 = c * QUERY_CHUNK;
             let t1 = (t0 + QUERY_CHUNK).min(n_tokens);

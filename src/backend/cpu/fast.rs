@@ -920,7 +920,7 @@ fn matmul_q4_0(w: &Tensor, x: &[f32], n_tokens: usize, rows_per_task: usize, out
                 prepare(t, xg);
             }
         } else {
-            pool::for_each_chunk_mut(&mut xgs[..n_tokens], 1, |t, xg| prepare(t, &mut xg[0]));
+            pool::for_each_mut(&mut xgs[..n_tokens], prepare);
         }
         let xgs = &xgs[..n_tokens];
         if n_tokens > TOKEN_TILE && n_rows.is_multiple_of(4) && rows_per_task.is_multiple_of(4) {
@@ -1021,7 +1021,7 @@ pub fn matmul(w: &Tensor, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Result
                     quantize_q8(&x[t * n_cols..(t + 1) * n_cols], q);
                 }
             } else {
-                pool::for_each_chunk_mut(&mut qrows[..n_tokens], 1, |t, q| quantize_q8(&x[t * n_cols..(t + 1) * n_cols], &mut q[0]));
+                pool::for_each_mut(&mut qrows[..n_tokens], |t, q| quantize_q8(&x[t * n_cols..(t + 1) * n_cols], q));
             }
             let qrows = &qrows[..n_tokens];
             pool::for_each(n_tasks, |task| {

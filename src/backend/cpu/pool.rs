@@ -134,6 +134,11 @@ pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync>(items: &mut [T
     });
 }
 
+/// Runs `f(i, &mut items[i])` for every element of `items`, as [`for_each`] does.
+pub fn for_each_mut<T: Send, F: Fn(usize, &mut T) + Sync>(items: &mut [T], f: F) {
+    for_each_chunk_mut(items, 1, |i, one| f(i, &mut one[0]));
+}
+
 fn run_tasks(s: &Shared) {
     // SAFETY: the pointer was stored before the generation was bumped (this thread saw the bump
     // with Acquire, or is the thread that stored it) and stays valid until this thread counts
