@@ -281,6 +281,8 @@ fn args(dir: &Path, out: &Path, strategy: &str, limit: usize) -> EvalArgs {
         csv: out.join("eval.csv"),
         no_csv: false,
         no_prefix_reuse: false,
+        json: false,
+        quiet: false,
     }
 }
 
@@ -347,4 +349,30 @@ fn runs_resume_and_report_agreement() {
     let expect = recs.iter().filter(|r| r.agree == Some(true)).count() as f64 / 3.0;
     assert!((agreement - expect).abs() < 1e-12);
     assert_eq!(col(&rows[0], "agreement"), "", "no baseline, no agreement");
+
+    // For scripts: --json prints the summary row as one JSON object, --quiet prints nothing.
+    let cli = |flag: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_kvgear"))
+            .args(["eval", "--task", "gsm8k:train", "--limit", "3", "--max-new-tokens", "5", "--no-csv", flag])
+            .arg("--data")
+            .arg(&dir)
+            .arg("--out")
+            .arg(&out)
+            .arg("-m")
+            .arg(common::default_model().unwrap())
+            .env("KVGEAR_HOME", common::temp_path("eval-cli-home"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (String::from_utf8(o.stdout).unwrap(), String::from_utf8(o.stderr).unwrap())
+    };
+    let (json, _) = cli("--json");
+    let lines: Vec<&str> = json.lines().collect();
+    assert_eq!(lines.len(), 1, "{json}");
+    let row: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(row["strategy"], "fp16");
+    assert_eq!(row["n_examples"], 3);
+    assert_eq!(row["n_correct"].as_u64().unwrap() as usize, second.iter().filter(|r| r.correct).count());
+    let (stdout, stderr) = cli("--quiet");
+    assert_eq!((stdout.as_str(), stderr.as_str()), ("", ""));
 }

@@ -504,6 +504,12 @@ pub struct EvalArgs {
     /// Run every prompt's prefix afresh even where its cache could be reused.
     #[arg(long)]
     pub no_prefix_reuse: bool,
+    /// Print each summary row as one JSON object (one line) instead of the per-task lines.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar and no progress or summary lines (the rows still go to the CSV).
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 fn sanitize(s: &str) -> String {
@@ -543,10 +549,13 @@ pub fn command(a: &EvalArgs) -> Result<()> {
 
 /// A sweep point's eval: the run (and its baseline's, with `--vs`) on a model already loaded,
 /// resumed from its JSONL as `kvgear eval` would; returns the run's summary row (over all the
-/// tasks when there are several) without appending it to `--csv`.
+/// tasks when there are several) without appending it to `--csv` or printing (the sweep shows
+/// its own progress).
 pub fn sweep_row(a: &EvalArgs, model: &Model, path: &Path) -> Result<EvalRow> {
     let mut a = a.clone();
     a.no_csv = true;
+    a.quiet = true;
+    a.json = false;
     let rows = run_with_model(&a, model, path)?;
     rows.into_iter().last().with_context(|| format!("eval of {} gave no summary: no examples were selected", a.task))
 }
@@ -585,7 +594,9 @@ fn run_with_model(a: &EvalArgs, model: &Model, path: &Path) -> Result<Vec<EvalRo
             if base_spec == spec {
                 None
             } else {
-                eprintln!("baseline: {vs}");
+                if !a.quiet {
+                    eprintln!("baseline: {vs}");
+                }
                 Some(ctx.run_one(&base_spec, &settings, None, None, false)?.0)
             }
         }
@@ -659,24 +670,22 @@ impl RunContext<'_> {
             }
         }
         let n_resumed = set.examples.len() - todo.len();
-        eprintln!(
+        if !a.quiet {
+            eprintln!(
             "{} with {} {}: {} examples{}; writing {}",
             set.name,
             spec.name,
             spec.params_string(),
             set.examples.len(),
             if n_resumed > 0 { format!(" ({n_resumed} already done)") } else { String::new() },
-            jsonl.display()
-        );
+                jsonl.display()
+            );
+        }
         if let Some(dir) = jsonl.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&jsonl).with_context(|| format!("cannot open {}", jsonl.display()))?;
-        let bar = indicatif::ProgressBar::new(todo.len() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {per_sec} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
+        let bar = crate::bench::progress_bar(todo.len() as u64, "examples", a.quiet || a.json);
         let (mut n_run, mut n_right) = (0usize, 0usize);
         let t_start = Instant::now();
         ev.evaluate(set, &todo, |e, o| {
@@ -715,7 +724,7 @@ impl RunContext<'_> {
             let msg = format!("acc {n_right}/{n_run} ({:.1}%)", 100.0 * n_right as f64 / n_run as f64);
             bar.set_message(msg.clone());
             bar.inc(1);
-            if bar.is_hidden() && (n_run % 10 == 0 || n_run == todo.len()) {
+            if bar.is_hidden() && !a.quiet && (n_run % 10 == 0 || n_run == todo.len()) {
                 let rate = n_run as f64 / t_start.elapsed().as_secs_f64();
                 eprintln!("{n_run}/{} examples, {rate:.3} examples/s, {msg}", todo.len());
             }
@@ -755,7 +764,8 @@ impl RunContext<'_> {
         for (task, recs) in &groups {
             let Some(s) = summarize(recs, baseline) else { continue };
             let agree = s.agreement.map(|p| format!(", agreement with the baseline {:.1}% [{:.1}, {:.1}] of {}", 100.0 * p.value, 100.0 * p.lo95, 100.0 * p.hi95, p.n)).unwrap_or_default();
-            println!(
+            if !self.a.quiet && !self.a.json {
+                println!(
                 "{task:<48} {} {:<10} accuracy {:.1}% [{:.1}, {:.1}] ({}/{}), no answer {}{agree}",
                 spec.name,
                 spec.params_string(),
@@ -763,9 +773,10 @@ impl RunContext<'_> {
                 100.0 * s.accuracy.lo95,
                 100.0 * s.accuracy.hi95,
                 s.accuracy.k,
-                s.accuracy.n,
-                s.n_no_answer
-            );
+                    s.accuracy.n,
+                    s.n_no_answer
+                );
+            }
             let row = EvalRow {
                 timestamp: crate::bench::now_rfc3339(),
                 commit: commit.clone(),
@@ -805,12 +816,15 @@ impl RunContext<'_> {
                 prefix_reuse: !self.a.no_prefix_reuse && prefix_reusable(spec),
                 jsonl: jsonl.display().to_string(),
             };
+            if self.a.json {
+                println!("{}", serde_json::to_string(&row)?);
+            }
             if !self.a.no_csv {
                 crate::bench::csvlog::append(&self.a.csv, &row)?;
             }
             rows.push(row);
         }
-        if !self.a.no_csv {
+        if !self.a.no_csv && !self.a.quiet {
             eprintln!("appended to {}", self.a.csv.display());
         }
         Ok(rows)
