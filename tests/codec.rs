@@ -135,7 +135,7 @@ fn check_attention(c: &dyn Codec, rng: &mut Rng, heads: usize, d: usize, what: &
             }
             for (value, want) in [(false, &k), (true, &v)] {
                 let mut seen = 0;
-                c.for_each_decoded(g, value, n_use, &mut |j, x| {
+                c.for_each_decoded(g, value, 0..n_use, &mut |j, x| {
                     assert_eq!(j, seen, "{what} head {g}: rows out of order");
                     for ch in 0..d {
                         let w = want[j * d + ch];
@@ -144,6 +144,15 @@ fn check_attention(c: &dyn Codec, rng: &mut Rng, heads: usize, d: usize, what: &
                     seen += 1;
                 });
                 assert_eq!(seen, n_use, "{what} head {g}: rows visited");
+                // Any range of rows (as attention's segments ask for them), cut at what is held.
+                for (lo, hi) in [(n_use / 3, 2 * n_use / 3 + 1), (n_use - 1, n_use + 5), (n_use / 2, n_use / 2), (7, 40)] {
+                    let mut rows = Vec::new();
+                    c.for_each_decoded(g, value, lo..hi, &mut |j, x| {
+                        rows.push(j);
+                        assert!(x.iter().zip(&want[j * d..(j + 1) * d]).all(|(&a, &b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs())), "{what} head {g} row {j} of {lo}..{hi}");
+                    });
+                    assert_eq!(rows, (lo.min(n)..hi.min(n)).collect::<Vec<_>>(), "{what} head {g}: rows of {lo}..{hi}");
+                }
             }
             let p: Vec<f32> = (0..n_use).map(|_| rng.next_f32()).collect();
             let mut out = vec![0.5f32; d];

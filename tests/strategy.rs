@@ -5,7 +5,8 @@ mod common;
 
 use kvgear::backend::cpu::Cpu;
 use kvgear::format::quant::GgmlType;
-use kvgear::kv::strategy::{StrategySpec, STRATEGIES};
+use kvgear::kv::strategy::{StrategyLayer, StrategySpec, STRATEGIES};
+use kvgear::rng::Rng;
 use kvgear::model::config::Config;
 use kvgear::model::llama::{DeviceWeights, Logits, Session};
 use kvgear::model::Model;
@@ -228,5 +229,74 @@ fn memory_weight_bytes_equal_a_synthetic_file() {
         kvgear::synth::write(&cfg, "tiny", ty, out, false, 2, &path).unwrap();
         let m = Model::load(&path).unwrap();
         assert_eq!(kvgear::synth::tensor_bytes(&cfg, ty, out, false).unwrap(), m.weights.bytes() as u64, "{ty}");
+    }
+}
+
+/// Attention of `n_tokens` queries (the last `n_tokens` tokens held being theirs) over the
+/// layer's tokens decoded one by one, in f64: outputs `[n_tokens, n_heads, d]` and the mass each
+/// held token received, per KV head.
+fn naive_attention(layer: &StrategyLayer, q: &[f32], n_tokens: usize, n_heads: usize) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let (n_kv, d) = (layer.n_kv_heads, layer.head_dim);
+    let group = n_heads / n_kv;
+    let mut out = vec![0f64; n_tokens * n_heads * d];
+    let mut mass = Vec::new();
+    for g in 0..n_kv {
+        let n = layer.codec.len(g);
+        let (mut k, mut v) = (vec![0f32; n * d], vec![0f32; n * d]);
+        for j in 0..n {
+            layer.codec.decode_token(g, j, &mut k[j * d..(j + 1) * d], &mut v[j * d..(j + 1) * d]);
+        }
+        let mut m = vec![0f64; n];
+        for t in 0..n_tokens {
+            let n_vis = n - n_tokens + t + 1;
+            for h in g * group..(g + 1) * group {
+                let qh = &q[(t * n_heads + h) * d..][..d];
+                let s: Vec<f64> = (0..n_vis).map(|j| qh.iter().zip(&k[j * d..(j + 1) * d]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / (d as f64).sqrt()).collect();
+                let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = s.iter().map(|x| (x - max).exp()).sum();
+                for (j, x) in s.iter().enumerate() {
+                    let p = (x - max).exp() / total;
+                    m[j] += p;
+                    for c in 0..d {
+                        out[(t * n_heads + h) * d + c] += p * v[j * d + c] as f64;
+                    }
+                }
+            }
+        }
+        mass.push(m);
+    }
+    (out, mass)
+}
+
+#[test]
+fn long_context_attention_split_in_segments_matches_the_decoded_tokens() {
+    // Contexts of several attention segments, for a prompt batch (many query chunks) and for
+    // single decoding steps, over f16 storage and over GEAR's compressed blocks, with the mass
+    // H2O accumulates.
+    let (n_kv, n_heads, d) = (2, 6, 32);
+    let mut rng = Rng::new(17);
+    let mut normal = |n: usize| (0..n).map(|_| rng.normal()).collect::<Vec<f32>>();
+    for (name, kv) in [("h2o", "budget=100000"), ("gear-h2o", "budget=100000,bits=4,buffer=64")] {
+        let spec = StrategySpec::parse(name, &[kv.into()], 3).unwrap();
+        let mut layer = StrategyLayer::new(&spec, n_kv, d, 2000, 0).unwrap();
+        let mut n_past = 0;
+        for n_tokens in [700, 1, 130, 1] {
+            layer.prompt_len = 700;
+            let (k, v, q) = (normal(n_tokens * n_kv * d), normal(n_tokens * n_kv * d), normal(n_tokens * n_heads * d));
+            layer.append(&k, &v, n_tokens).unwrap();
+            let mut out = vec![0f32; n_tokens * n_heads * d];
+            layer.attention(&q, n_tokens, n_heads, &mut out);
+            let (want, mass) = naive_attention(&layer, &q, n_tokens, n_heads);
+            let err = out.iter().zip(&want).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
+            assert!(err < 1e-4, "{name}, {n_tokens} queries after {n_past}: output off by {err}");
+            for g in 0..n_kv {
+                assert_eq!(layer.mass[g].len(), mass[g].len());
+                let err = layer.mass[g].iter().zip(&mass[g]).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
+                assert!(err < 1e-4, "{name}, {n_tokens} queries after {n_past}: mass of head {g} off by {err}");
+            }
+            layer.finish_step(n_tokens, n_past).unwrap();
+            n_past += n_tokens;
+        }
+        assert!(n_past > 3 * 256, "{name}: the context spans several segments");
     }
 }

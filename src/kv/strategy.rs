@@ -158,7 +158,8 @@ pub struct StrategyLayer {
     pub prompt_len: usize,
     /// Tokens appended so far (the next token's position).
     pub n_seen: usize,
-    /// Per attention task (KV head x query chunk): scores, outputs, partial mass.
+    /// Per attention task (KV head x query chunk x segment of held tokens): scores, outputs,
+    /// partial mass.
     work: Vec<AttnWork>,
     capacity: usize,
     spec: StrategySpec,
@@ -248,65 +249,93 @@ impl StrategyLayer {
     /// received are added to `self.mass` when the policy wants them. `q`, `out`: `[n_tokens,
     /// n_heads, head_dim]`; the last `n_tokens` tokens of every head are the queries' own.
     ///
-    /// Work is split into tasks of one KV head (with the query heads that share it) and one
-    /// chunk of queries, run in parallel. A task walks the head's keys and then its values once,
-    /// block by block through `Codec::for_each_decoded`, each decoded row serving every query of
-    /// the task (the query heads of a GQA group, the chunk's positions), so a row is decoded once
-    /// per task rather than once per query. Each task keeps its own partial mass, summed in task
-    /// order afterwards, so the result does not depend on the number of threads.
+    /// Work is split into tasks of one KV head (with the query heads that share it), one chunk
+    /// of queries and one segment of `SEGMENT_ROWS` held tokens, run in parallel, so that even
+    /// one decoded token over a few KV heads keeps every thread busy. A task reads its segment's
+    /// keys and then its values once through `Codec::for_each_decoded`, each decoded row serving
+    /// every query of the task (the query heads of a GQA group, the chunk's positions).
+    /// Between the two the softmax runs over each query's whole row of scores, segment after
+    /// segment; afterwards the segments' partial outputs and masses are summed in task order.
+    /// Tasks are cut by fixed sizes, so the result does not depend on the number of threads.
     pub fn attention(&mut self, q: &[f32], n_tokens: usize, n_heads: usize, out: &mut [f32]) {
         let (hd, n_kv) = (self.head_dim, self.n_kv_heads);
         let group = n_heads / n_kv;
         let scale = 1.0 / (hd as f32).sqrt();
         let want = self.policy.wants_mass();
         let n_chunks = n_tokens.div_ceil(QUERY_CHUNK);
-        self.work.resize_with(n_kv * n_chunks, AttnWork::default);
         let codec = &*self.codec;
-        pool::for_each_mut(&mut self.work[..n_kv * n_chunks], |task, w| {
-            let (g, c) = (task / n_chunks, task % n_chunks);
+        let n_seg = (0..n_kv).map(|g| codec.len(g).div_ceil(SEGMENT_ROWS)).max().unwrap_or(0).max(1);
+        let n_tasks = n_kv * n_chunks * n_seg;
+        self.work.resize_with(n_tasks, AttnWork::default);
+        // Task `(g, c, s)`: its queries (the `i`-th is position `t0 + i / group`, query head
+        // `g * group + i % group`), the tokens the last of them sees, and its segment of those.
+        let layout = |task: usize| {
+            let (g, c, s) = (task / (n_chunks * n_seg), task / n_seg % n_chunks, task % n_seg);
             let t0 = c * QUERY_CHUNK;
             let t1 = (t0 + QUERY_CHUNK).min(n_tokens);
             let n_len = codec.len(g);
-            // Queries i = (t - t0) * group + hh; the last one sees `n_max` tokens.
-            let n_q = (t1 - t0) * group;
             let n_max = n_len + t1 - n_tokens;
+            let rows = (s * SEGMENT_ROWS).min(n_max)..((s + 1) * SEGMENT_ROWS).min(n_max);
+            (g, t0, t1, n_len, rows)
+        };
+        pool::for_each_mut(&mut self.work[..n_tasks], |task, w| {
+            let (g, t0, t1, _, rows) = layout(task);
+            let n_q = (t1 - t0) * group;
             w.q.clear();
             for t in t0..t1 {
                 w.q.extend_from_slice(&q[(t * n_heads + g * group) * hd..][..group * hd]);
             }
+            let n_r = rows.len();
             w.scores.clear();
-            w.scores.resize(n_q * n_max, 0.0);
-            let (qs, sc) = (&w.q, &mut w.scores);
-            codec.for_each_decoded(g, false, n_max, &mut |j, k| {
+            w.scores.resize(n_q * n_r, 0.0);
+            let (qs, sc, r0) = (&w.q, &mut w.scores, rows.start);
+            codec.for_each_decoded(g, false, rows, &mut |j, k| {
                 for (i, qi) in qs.chunks_exact(hd).enumerate() {
-                    sc[i * n_max + j] = dot(qi, k);
+                    sc[i * n_r + j - r0] = dot(qi, k);
                 }
             });
-            for (i, p) in w.scores.chunks_exact_mut(n_max).enumerate() {
+        });
+        // Softmax of each query over its segments, in token order.
+        pool::for_each_chunk_mut(&mut self.work[..n_tasks], n_seg, |gc, segs| {
+            let (_, t0, t1, n_len, _) = layout(gc * n_seg);
+            let n_q = (t1 - t0) * group;
+            for i in 0..n_q {
                 let n_vis = n_len - n_tokens + t0 + i / group + 1;
-                let (vis, hidden) = p.split_at_mut(n_vis);
-                hidden.fill(0.0);
+                for x in hidden_rows(segs, i, n_q, n_vis) {
+                    x.fill(0.0);
+                }
                 let mut max = f32::NEG_INFINITY;
-                for s in vis.iter_mut() {
-                    *s *= scale;
-                    max = max.max(*s);
+                for vis in visible_rows(segs, i, n_q, n_vis) {
+                    for x in vis {
+                        *x *= scale;
+                        max = max.max(*x);
+                    }
                 }
                 let mut total = 0.0f64;
-                for s in vis.iter_mut() {
-                    *s = (*s - max).exp();
-                    total += *s as f64;
+                for vis in visible_rows(segs, i, n_q, n_vis) {
+                    for x in vis {
+                        *x = (*x - max).exp();
+                        total += *x as f64;
+                    }
                 }
                 let inv = (1.0 / total) as f32;
-                for s in vis.iter_mut() {
-                    *s *= inv;
+                for vis in visible_rows(segs, i, n_q, n_vis) {
+                    for x in vis {
+                        *x *= inv;
+                    }
                 }
             }
+        });
+        pool::for_each_mut(&mut self.work[..n_tasks], |task, w| {
+            let (g, t0, t1, n_len, rows) = layout(task);
+            let n_q = (t1 - t0) * group;
+            let (r0, n_r) = (rows.start, rows.len());
             w.out.clear();
             w.out.resize(n_q * hd, 0.0);
             let (sc, o) = (&w.scores, &mut w.out);
-            codec.for_each_decoded(g, true, n_max, &mut |j, v| {
+            codec.for_each_decoded(g, true, rows.clone(), &mut |j, v| {
                 for (i, oi) in o.chunks_exact_mut(hd).enumerate() {
-                    let p = sc[i * n_max + j];
+                    let p = sc[i * n_r + j - r0];
                     if p != 0.0 {
                         axpy(oi, p, v);
                     }
@@ -314,22 +343,30 @@ impl StrategyLayer {
             });
             w.mass.clear();
             if want {
-                w.mass.resize(n_len, 0.0);
-                for p in w.scores.chunks_exact(n_max) {
+                // The queries' own tokens (past `n_len`) are not held yet: no mass for them.
+                w.mass.resize(n_r.min(n_len.saturating_sub(r0)), 0.0);
+                for p in w.scores.chunks_exact(n_r.max(1)).take(n_q) {
                     for (m, &x) in w.mass.iter_mut().zip(p) {
                         *m += x;
                     }
                 }
             }
         });
-        for (task, w) in self.work[..n_kv * n_chunks].iter().enumerate() {
-            let (g, c) = (task / n_chunks, task % n_chunks);
-            let t0 = c * QUERY_CHUNK;
-            for (i, rows) in w.out.chunks_exact(group * hd).enumerate() {
-                out[((t0 + i) * n_heads + g * group) * hd..][..group * hd].copy_from_slice(rows);
+        for (task, w) in self.work[..n_tasks].iter().enumerate() {
+            let (g, t0, _, _, rows) = layout(task);
+            let first = task % n_seg == 0;
+            for (i, part) in w.out.chunks_exact(group * hd).enumerate() {
+                let dst = &mut out[((t0 + i) * n_heads + g * group) * hd..][..group * hd];
+                if first {
+                    dst.copy_from_slice(part);
+                } else {
+                    for (d, &x) in dst.iter_mut().zip(part) {
+                        *d += x;
+                    }
+                }
             }
-            if want {
-                for (m, &x) in self.mass[g].iter_mut().zip(&w.mass) {
+            if let Some(mass) = self.mass[g].get_mut(rows.start..).filter(|_| want) {
+                for (m, &x) in mass.iter_mut().zip(&w.mass) {
                     *m += x;
                 }
             }
@@ -337,9 +374,40 @@ impl StrategyLayer {
     }
 }
 
+/// Query `i`'s scores in each segment's scratch (`n_q` queries by the segment's rows), cut to
+/// the first `n_vis` tokens of the head.
+fn visible_rows(segs: &mut [AttnWork], i: usize, n_q: usize, n_vis: usize) -> impl Iterator<Item = &mut [f32]> {
+    segment_rows(segs, i, n_q).map(move |(j0, x)| {
+        let n = n_vis.saturating_sub(j0).min(x.len());
+        &mut x[..n]
+    })
+}
+
+/// Query `i`'s scores past the first `n_vis` tokens (the tokens after its own position).
+fn hidden_rows(segs: &mut [AttnWork], i: usize, n_q: usize, n_vis: usize) -> impl Iterator<Item = &mut [f32]> {
+    segment_rows(segs, i, n_q).map(move |(j0, x)| {
+        let n = n_vis.saturating_sub(j0).min(x.len());
+        &mut x[n..]
+    })
+}
+
+/// Each segment's first token and query `i`'s scores there.
+fn segment_rows(segs: &mut [AttnWork], i: usize, n_q: usize) -> impl Iterator<Item = (usize, &mut [f32])> {
+    segs.iter_mut().scan(0usize, move |j0, w| {
+        let n_r = w.scores.len() / n_q;
+        let at = *j0;
+        *j0 += n_r;
+        Some((at, &mut w.scores[i * n_r..(i + 1) * n_r]))
+    })
+}
+
 /// Queries per attention task: small enough to spread a prompt batch over the threads, large
 /// enough that a task outweighs its scheduling.
 const QUERY_CHUNK: usize = 16;
+
+/// Held tokens per attention task: a decoding step over a few KV heads and a long context still
+/// makes several tasks per thread.
+const SEGMENT_ROWS: usize = 256;
 
 /// One attention task's scratch, kept between steps so decoding allocates nothing.
 #[derive(Default)]

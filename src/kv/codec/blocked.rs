@@ -215,9 +215,9 @@ impl Part {
         }
     }
 
-    /// Calls `f(j, x_j)` for the first `n` rows, each decoded whole: `deq(Q) + A Bᵀ`, the
+    /// Calls `f(j, x_j)` for the rows of `rows`, each decoded whole: `deq(Q) + A Bᵀ`, the
     /// outliers' exact values on their positions. `bf` is scratch for `B` in f32.
-    fn for_decoded_rows(&self, n: usize, d: usize, bf: &mut Vec<f32>, f: &mut dyn FnMut(usize, &[f32])) {
+    fn for_decoded_rows(&self, rows: std::ops::Range<usize>, d: usize, bf: &mut Vec<f32>, f: &mut dyn FnMut(usize, &[f32])) {
         let r = self.lr.rank;
         if r > 0 {
             // B (`[d, r]`) transposed to `[r, d]`: a row's low-rank term is then r vector
@@ -231,13 +231,14 @@ impl Part {
             }
         }
         let n_out = self.out.len();
-        let mut oi = 0;
+        // Outlier positions ascend: the first one at or after the range's first row.
+        let mut oi = partition_point(n_out, |i| self.out.pos(i) < rows.start * d);
         let mut aj = [0f32; MAX_RANK];
         let mut buf = [0f32; MAX_HEAD_DIM];
         let mut lbuf = [0f32; MAX_HEAD_DIM];
         let row = &mut buf[..d];
         let lrow = &mut lbuf[..d];
-        self.q.for_rows(n, |j, deq| {
+        self.q.for_rows_in(rows, |j, deq| {
             row.copy_from_slice(deq);
             if r > 0 {
                 self.lr.a_row(j, &mut aj[..r]);
@@ -304,6 +305,20 @@ pub(crate) struct Blocked {
     pub head_dim: usize,
     pub scheme: Scheme,
     heads: Vec<Head>,
+}
+
+/// The first `i < n` for which `pred(i)` is false, `pred` being true then false over `0..n`.
+fn partition_point(n: usize, pred: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if pred(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 thread_local! {
@@ -420,31 +435,31 @@ impl Blocked {
         }
     }
 
-    pub(crate) fn for_each_decoded(&self, g: usize, value: bool, n: usize, f: &mut dyn FnMut(usize, &[f32])) {
+    pub(crate) fn for_each_decoded(&self, g: usize, value: bool, rows: std::ops::Range<usize>, f: &mut dyn FnMut(usize, &[f32])) {
         let d = self.head_dim;
         let Some(head) = self.heads.get(g) else { return };
+        let (lo, hi) = (rows.start, rows.end);
         let mut off = 0;
         B_F32.with(|cell| {
             let mut bf = cell.borrow_mut();
             for b in &head.blocks {
-                if off >= n {
+                if off >= hi {
                     return;
                 }
-                let m = (n - off).min(b.n);
-                let part = if value { &b.v } else { &b.k };
-                part.for_decoded_rows(m, d, &mut bf, &mut |j, x| f(off + j, x));
-                off += m;
+                if off + b.n > lo {
+                    let part = if value { &b.v } else { &b.k };
+                    let local = lo.saturating_sub(off)..(hi - off).min(b.n);
+                    part.for_decoded_rows(local, d, &mut bf, &mut |j, x| f(off + j, x));
+                }
+                off += b.n;
             }
         });
-        if off >= n {
-            return;
-        }
         let buf = if value { &head.buf_v } else { &head.buf_k };
         let mut row = [0f32; MAX_HEAD_DIM];
-        for xr in buf.chunks_exact(d).take(n.saturating_sub(off)) {
+        let first = lo.max(off);
+        for (i, xr) in buf.chunks_exact(d).enumerate().skip(first - off).take(hi.saturating_sub(first)) {
             xr.convert_to_f32_slice(&mut row[..d]);
-            f(off, &row[..d]);
-            off += 1;
+            f(off + i, &row[..d]);
         }
     }
 

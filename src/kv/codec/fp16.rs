@@ -83,11 +83,11 @@ impl Codec for Fp16Codec {
         }
     }
 
-    fn for_each_decoded(&self, g: usize, value: bool, n: usize, f: &mut dyn FnMut(usize, &[f32])) {
+    fn for_each_decoded(&self, g: usize, value: bool, rows: std::ops::Range<usize>, f: &mut dyn FnMut(usize, &[f32])) {
         let d = self.head_dim;
         let Some(x) = (if value { self.v.get(g) } else { self.k.get(g) }) else { return };
         let mut row = [0f32; MAX_HEAD_DIM];
-        for (j, xr) in x.chunks_exact(d).take(n).enumerate() {
+        for (j, xr) in x.chunks_exact(d).enumerate().skip(rows.start).take(rows.len()) {
             xr.convert_to_f32_slice(&mut row[..d]);
             f(j, &row[..d]);
         }

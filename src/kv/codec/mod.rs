@@ -35,9 +35,10 @@ macro_rules! forward_codec_to_inner {
         fn weighted_values(&self, g: usize, p: &[f32], out: &mut [f32]) {
             self.inner.weighted_values(g, p, out)
         }
-        fn for_each_decoded(&self, g: usize, value: bool, n: usize, f: &mut dyn FnMut(usize, &[f32])) {
-            self.inner.for_each_decoded(g, value, n, f)
+        fn for_each_decoded(&self, g: usize, value: bool, rows: std::ops::Range<usize>, f: &mut dyn FnMut(usize, &[f32])) {
+            self.inner.for_each_decoded(g, value, rows, f)
         }
+
         fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()> {
             self.inner.evict(g, idx)
         }
@@ -153,10 +154,11 @@ pub trait Codec: CodecClone + Send + Sync {
     fn scores(&self, g: usize, q: &[f32], out: &mut [f32]);
     /// `out += sum_j p[j] * v_j` for KV head `g` over the first `p.len()` tokens held.
     fn weighted_values(&self, g: usize, p: &[f32], out: &mut [f32]);
-    /// Calls `f(j, x_j)` for the first `n` tokens of KV head `g` in order, `x_j` the token's key
-    /// (`value = false`) or value, decoded one row at a time from the stored form (never a copy
-    /// of the whole cache): attention over several queries decodes each row once for all of them.
-    fn for_each_decoded(&self, g: usize, value: bool, n: usize, f: &mut dyn FnMut(usize, &[f32]));
+    /// Calls `f(j, x_j)` for the tokens `j` of `rows` held by KV head `g`, in order, `x_j` the
+    /// token's key (`value = false`) or value, decoded one row at a time from the stored form
+    /// (never a copy of the whole cache): attention over several queries decodes each row once
+    /// for all of them, and disjoint ranges of one head can be decoded in parallel.
+    fn for_each_decoded(&self, g: usize, value: bool, rows: std::ops::Range<usize>, f: &mut dyn FnMut(usize, &[f32]));
     /// Removes head `g`'s tokens at these indices (ascending, distinct, each < len(g)). The
     /// memory of evicted tokens is freed (or reused), and `bytes` drops accordingly.
     fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()>;

@@ -150,15 +150,22 @@ impl QuantMatrix {
 
     /// Calls `f(j, row)` with row `j` dequantized, for rows `0 .. n_rows` (at most `self.n`).
     #[inline]
-    pub(crate) fn for_rows(&self, n_rows: usize, mut f: impl FnMut(usize, &[f32])) {
+    pub(crate) fn for_rows(&self, n_rows: usize, f: impl FnMut(usize, &[f32])) {
+        self.for_rows_in(0..n_rows, f)
+    }
+
+    /// Calls `f(j, row)` with row `j` dequantized, for the rows of `rows` (cut at `self.n`), in
+    /// order.
+    #[inline]
+    pub(crate) fn for_rows_in(&self, rows: std::ops::Range<usize>, mut f: impl FnMut(usize, &[f32])) {
         let d = self.d;
-        let n_rows = n_rows.min(self.n);
+        let (lo, hi) = (rows.start, rows.end.min(self.n));
         let mut buf = [0f32; MAX_HEAD_DIM];
         let row = &mut buf[..d];
         match self.layout {
             Layout::Token { group } => {
                 let n_g = d / group;
-                for j in 0..n_rows {
+                for j in lo..hi {
                     unpack_row(&self.codes[j * self.row_bytes..(j + 1) * self.row_bytes], self.bits, row);
                     let sc = &self.scales[j * n_g * 2..(j + 1) * n_g * 2];
                     for (chunk, sz) in row.chunks_exact_mut(group).zip(sc.chunks_exact(2)) {
@@ -173,26 +180,26 @@ impl QuantMatrix {
             Layout::Channel { .. } => {
                 let mut s = [0f32; MAX_HEAD_DIM];
                 let mut z = [0f32; MAX_HEAD_DIM];
-                let mut j = 0;
+                let mut start = 0;
                 for (gi, &cnt) in self.group_rows.iter().enumerate() {
-                    if j >= n_rows {
+                    let end = start + cnt as usize;
+                    if start >= hi {
                         break;
                     }
-                    for (c, sz) in self.scales[gi * d * 2..(gi + 1) * d * 2].chunks_exact(2).enumerate() {
-                        s[c] = sz[0].to_f32();
-                        z[c] = sz[1].to_f32();
-                    }
-                    for _ in 0..cnt {
-                        if j >= n_rows {
-                            break;
+                    if end > lo {
+                        for (c, sz) in self.scales[gi * d * 2..(gi + 1) * d * 2].chunks_exact(2).enumerate() {
+                            s[c] = sz[0].to_f32();
+                            z[c] = sz[1].to_f32();
                         }
-                        unpack_row(&self.codes[j * self.row_bytes..(j + 1) * self.row_bytes], self.bits, row);
-                        for ((v, &s), &z) in row.iter_mut().zip(&s[..d]).zip(&z[..d]) {
-                            *v = *v * s + z;
+                        for j in start.max(lo)..end.min(hi) {
+                            unpack_row(&self.codes[j * self.row_bytes..(j + 1) * self.row_bytes], self.bits, row);
+                            for ((v, &s), &z) in row.iter_mut().zip(&s[..d]).zip(&z[..d]) {
+                                *v = *v * s + z;
+                            }
+                            f(j, row);
                         }
-                        f(j, row);
-                        j += 1;
                     }
+                    start = end;
                 }
             }
         }
