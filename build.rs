@@ -47,6 +47,7 @@ fn run() -> Result<(), String> {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
+    embed_git_commit(&manifest_dir);
     generate_bindings(&ffi_dir, &out_dir)?;
 
     // The `cuda` feature, or KVGEAR_REQUIRE_NVCC=1 (CI sets it), makes a missing nvcc an error.
@@ -100,6 +101,31 @@ fn sources(dir: &Path, ext: &str) -> Result<Vec<PathBuf>, String> {
     }
     files.sort();
     Ok(files)
+}
+
+/// The commit the binary is built from, as `KVGEAR_BUILD_COMMIT` ("unknown" outside a git
+/// checkout), so that result rows name the code that computed them rather than whatever the
+/// working tree holds when the binary runs. Rebuilt when HEAD or the branch it names moves.
+fn embed_git_commit(manifest_dir: &Path) {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .current_dir(manifest_dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        let dir = PathBuf::from(dir);
+        println!("cargo:rerun-if-changed={}", dir.join("HEAD").display());
+        println!("cargo:rerun-if-changed={}", dir.join("packed-refs").display());
+        if let Some(r) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            println!("cargo:rerun-if-changed={}", dir.join(r).display());
+        }
+    }
+    let commit = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".to_string());
+    println!("cargo:rustc-env=KVGEAR_BUILD_COMMIT={commit}");
 }
 
 fn generate_bindings(ffi_dir: &Path, out_dir: &Path) -> Result<(), String> {

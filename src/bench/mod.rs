@@ -636,7 +636,8 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// The commit checked out in the current directory and whether the tree has changes.
+/// The commit the binary was built from, and whether the code that ran may differ from it
+/// (uncommitted changes in the working tree, or a tree since moved to another commit).
 pub fn git_state() -> (String, bool) {
     let run = |args: &[&str]| {
         std::process::Command::new("git")
@@ -646,10 +647,14 @@ pub fn git_state() -> (String, bool) {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
-    match run(&["rev-parse", "HEAD"]) {
-        Some(c) => (c, run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty())),
-        None => ("unknown".to_string(), false),
-    }
+    let built = env!("KVGEAR_BUILD_COMMIT").to_string();
+    // Dirty: the working tree has uncommitted changes, or it is no longer at the commit the
+    // binary was built from (a binary kept from an older build), so the row's code is uncertain.
+    let dirty = match run(&["rev-parse", "HEAD"]) {
+        Some(head) => head != built || run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()),
+        None => false,
+    };
+    (built, dirty)
 }
 
 /// CPU model and core count.
