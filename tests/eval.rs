@@ -350,6 +350,10 @@ fn runs_resume_and_report_agreement() {
     assert!((agreement - expect).abs() < 1e-12);
     assert_eq!(col(&rows[0], "agreement"), "", "no baseline, no agreement");
 
+    // Run again with nothing left to do: the summary is printed, no row is appended.
+    kvgear::eval::command(&a).unwrap();
+    assert_eq!(std::fs::read_to_string(out.join("eval.csv")).unwrap(), csv, "a finished run appends no row");
+
     // For scripts: --json prints the summary row as one JSON object, --quiet prints nothing.
     let cli = |flag: &str| {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_kvgear"))

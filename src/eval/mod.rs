@@ -615,9 +615,10 @@ struct RunContext<'a> {
 }
 
 impl RunContext<'_> {
-    /// Runs (or resumes) one strategy over the task and writes its summary rows (a baseline run
-    /// that had nothing left to do writes none, so that its rows are not repeated); returns its
-    /// JSONL and the rows.
+    /// Runs (or resumes) one strategy over the task, prints its summary and appends its rows to
+    /// the CSV when it ran any example (a run resumed with nothing left to do appends none, so
+    /// rerunning a script does not repeat rows; a baseline run that had nothing to do does not
+    /// even print); returns its JSONL and the rows.
     fn run_one(
         &self,
         spec: &StrategySpec,
@@ -732,11 +733,13 @@ impl RunContext<'_> {
             Ok(())
         })?;
         bar.finish_and_clear();
-        let rows = if always_report || !todo.is_empty() { self.report(spec, &jsonl, &done, baseline.as_ref(), baseline_path)? } else { Vec::new() };
+        let ran = !todo.is_empty();
+        let rows = if always_report || ran { self.report(spec, &jsonl, &done, baseline.as_ref(), baseline_path, ran)? } else { Vec::new() };
         Ok((jsonl, rows))
     }
 
-    /// Prints the summary of each task, appends the CSV rows (unless --no-csv) and returns them.
+    /// Prints the summary of each task, appends the CSV rows (when `append`, unless --no-csv)
+    /// and returns them.
     fn report(
         &self,
         spec: &StrategySpec,
@@ -744,6 +747,7 @@ impl RunContext<'_> {
         done: &HashMap<(String, String), Record>,
         baseline: Option<&HashMap<(String, String), Record>>,
         baseline_path: Option<&Path>,
+        append: bool,
     ) -> Result<Vec<EvalRow>> {
         let set = self.set;
         let mut rows = Vec::new();
@@ -819,13 +823,17 @@ impl RunContext<'_> {
             if self.a.json {
                 println!("{}", serde_json::to_string(&row)?);
             }
-            if !self.a.no_csv {
+            if append && !self.a.no_csv {
                 crate::bench::csvlog::append(&self.a.csv, &row)?;
             }
             rows.push(row);
         }
         if !self.a.no_csv && !self.a.quiet {
-            eprintln!("appended to {}", self.a.csv.display());
+            if append {
+                eprintln!("appended to {}", self.a.csv.display());
+            } else {
+                eprintln!("every example was already in {}: no row appended to {}", jsonl.display(), self.a.csv.display());
+            }
         }
         Ok(rows)
     }
