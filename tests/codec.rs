@@ -144,6 +144,14 @@ fn check_attention(c: &dyn Codec, rng: &mut Rng, heads: usize, d: usize, what: &
                     seen += 1;
                 });
                 assert_eq!(seen, n_use, "{what} head {g}: rows visited");
+                // A tile of rows decoded at once, as attention reads them.
+                for (lo, hi) in [(0, n_use), (n_use / 3, 2 * n_use / 3 + 1), (n_use - 1, n_use)] {
+                    let mut tile = vec![f32::NAN; (hi - lo) * d];
+                    c.decode_rows(g, value, lo..hi, &mut tile);
+                    for (j, x) in (lo..hi).zip(tile.chunks_exact(d)) {
+                        assert!(x.iter().zip(&want[j * d..(j + 1) * d]).all(|(&a, &b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs())), "{what} head {g}: decode_rows row {j} of {lo}..{hi}");
+                    }
+                }
                 // Any range of rows (as attention's segments ask for them), cut at what is held.
                 for (lo, hi) in [(n_use / 3, 2 * n_use / 3 + 1), (n_use - 1, n_use + 5), (n_use / 2, n_use / 2), (7, 40)] {
                     let mut rows = Vec::new();

@@ -289,9 +289,9 @@ fn long_context_attention_split_in_segments_matches_the_decoded_tokens() {
             let (want, mass) = naive_attention(&layer, &q, n_tokens, n_heads);
             let err = out.iter().zip(&want).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
             assert!(err < 1e-4, "{name}, {n_tokens} queries after {n_past}: output off by {err}");
-            for g in 0..n_kv {
-                assert_eq!(layer.mass[g].len(), mass[g].len());
-                let err = layer.mass[g].iter().zip(&mass[g]).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
+            for (g, m) in mass.iter().enumerate() {
+                assert_eq!(layer.mass[g].len(), m.len());
+                let err = layer.mass[g].iter().zip(m).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
                 assert!(err < 1e-4, "{name}, {n_tokens} queries after {n_past}: mass of head {g} off by {err}");
             }
             layer.finish_step(n_tokens, n_past).unwrap();

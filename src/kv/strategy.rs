@@ -24,7 +24,7 @@
 use anyhow::{bail, Context, Result};
 
 use crate::backend::cpu::pool;
-use crate::kv::codec::blocked::{axpy, dot};
+use crate::kv::codec::blocked::{avx2, axpy_lanes, dot_lanes};
 use crate::kv::codec::{make_codec, Backbone, Codec, CodecParams, KvBytes};
 use crate::kv::policy::{make_policy, Policy, PolicyParams};
 
@@ -288,12 +288,12 @@ impl StrategyLayer {
             let n_r = rows.len();
             w.scores.clear();
             w.scores.resize(n_q * n_r, 0.0);
-            let (qs, sc, r0) = (&w.q, &mut w.scores, rows.start);
-            codec.for_each_decoded(g, false, rows, &mut |j, k| {
-                for (i, qi) in qs.chunks_exact(hd).enumerate() {
-                    sc[i * n_r + j - r0] = dot(qi, k);
-                }
-            });
+            w.tile.resize(TILE_ROWS * hd, 0.0);
+            for t in rows.clone().step_by(TILE_ROWS) {
+                let n = TILE_ROWS.min(rows.end - t);
+                codec.decode_rows(g, false, t..t + n, &mut w.tile[..n * hd]);
+                scores_tile(&w.q, &w.tile[..n * hd], hd, &mut w.scores, n_r, t - rows.start);
+            }
         });
         // Softmax of each query over its segments, in token order.
         pool::for_each_chunk_mut(&mut self.work[..n_tasks], n_seg, |gc, segs| {
@@ -332,15 +332,12 @@ impl StrategyLayer {
             let (r0, n_r) = (rows.start, rows.len());
             w.out.clear();
             w.out.resize(n_q * hd, 0.0);
-            let (sc, o) = (&w.scores, &mut w.out);
-            codec.for_each_decoded(g, true, rows.clone(), &mut |j, v| {
-                for (i, oi) in o.chunks_exact_mut(hd).enumerate() {
-                    let p = sc[i * n_r + j - r0];
-                    if p != 0.0 {
-                        axpy(oi, p, v);
-                    }
-                }
-            });
+            w.tile.resize(TILE_ROWS * hd, 0.0);
+            for t in rows.clone().step_by(TILE_ROWS) {
+                let n = TILE_ROWS.min(rows.end - t);
+                codec.decode_rows(g, true, t..t + n, &mut w.tile[..n * hd]);
+                weighted_tile(&w.scores, n_r, t - r0, &w.tile[..n * hd], hd, &mut w.out);
+            }
             w.mass.clear();
             if want {
                 // The queries' own tokens (past `n_len`) are not held yet: no mass for them.
@@ -369,6 +366,67 @@ impl StrategyLayer {
                 for (m, &x) in mass.iter_mut().zip(&w.mass) {
                     *m += x;
                 }
+            }
+        }
+    }
+}
+
+/// Tokens decoded at a time into a task's tile.
+const TILE_ROWS: usize = 32;
+
+/// `sc[i * n_r + at + j] = q_i . x_j` for the queries `qs` (`[n_q, hd]`) and the rows `x_j` of
+/// a tile (`[n, hd]`).
+fn scores_tile(qs: &[f32], tile: &[f32], hd: usize, sc: &mut [f32], n_r: usize, at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 was detected.
+        return unsafe { scores_tile_avx2(qs, tile, hd, sc, n_r, at) };
+    }
+    scores_tile_body(qs, tile, hd, sc, n_r, at)
+}
+
+/// `scores_tile` with its dot products inlined 8 lanes wide (the same operations in the same
+/// order as `blocked::dot`: the same values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scores_tile_avx2(qs: &[f32], tile: &[f32], hd: usize, sc: &mut [f32], n_r: usize, at: usize) {
+    scores_tile_body(qs, tile, hd, sc, n_r, at)
+}
+
+#[inline(always)]
+fn scores_tile_body(qs: &[f32], tile: &[f32], hd: usize, sc: &mut [f32], n_r: usize, at: usize) {
+    for (i, qi) in qs.chunks_exact(hd).enumerate() {
+        for (s, x) in sc[i * n_r + at..].iter_mut().zip(tile.chunks_exact(hd)) {
+            *s = dot_lanes(qi, x);
+        }
+    }
+}
+
+/// `out_i += sum_j p[i * n_r + at + j] x_j` for each query `i` (`out`: `[n_q, hd]`) over the rows
+/// of a tile (`[n, hd]`), row after row.
+fn weighted_tile(p: &[f32], n_r: usize, at: usize, tile: &[f32], hd: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 was detected.
+        return unsafe { weighted_tile_avx2(p, n_r, at, tile, hd, out) };
+    }
+    weighted_tile_body(p, n_r, at, tile, hd, out)
+}
+
+/// `weighted_tile` with its multiply-adds inlined 8 lanes wide (the same values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn weighted_tile_avx2(p: &[f32], n_r: usize, at: usize, tile: &[f32], hd: usize, out: &mut [f32]) {
+    weighted_tile_body(p, n_r, at, tile, hd, out)
+}
+
+#[inline(always)]
+fn weighted_tile_body(p: &[f32], n_r: usize, at: usize, tile: &[f32], hd: usize, out: &mut [f32]) {
+    for (j, x) in tile.chunks_exact(hd).enumerate() {
+        for (i, oi) in out.chunks_exact_mut(hd).enumerate() {
+            let pj = p[i * n_r + at + j];
+            if pj != 0.0 {
+                axpy_lanes(oi, pj, x);
             }
         }
     }
@@ -416,6 +474,8 @@ struct AttnWork {
     scores: Vec<f32>,
     out: Vec<f32>,
     mass: Vec<f32>,
+    /// `TILE_ROWS` decoded keys or values.
+    tile: Vec<f32>,
 }
 
 /// Bytes one layer's cache holds under `spec` after a prompt of `n_prompt` tokens, run in

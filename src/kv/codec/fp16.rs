@@ -93,6 +93,13 @@ impl Codec for Fp16Codec {
         }
     }
 
+    fn decode_rows(&self, g: usize, value: bool, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        let d = self.head_dim;
+        if let Some(x) = (if value { self.v.get(g) } else { self.k.get(g) }).and_then(|x| x.get(rows.start * d..rows.end * d)) {
+            x.convert_to_f32_slice(&mut out[..rows.len() * d]);
+        }
+    }
+
     fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()> {
         if g >= self.n_kv_heads {
             bail!("evict: KV head {g} of {}", self.n_kv_heads);

@@ -38,6 +38,9 @@ macro_rules! forward_codec_to_inner {
         fn for_each_decoded(&self, g: usize, value: bool, rows: std::ops::Range<usize>, f: &mut dyn FnMut(usize, &[f32])) {
             self.inner.for_each_decoded(g, value, rows, f)
         }
+        fn decode_rows(&self, g: usize, value: bool, rows: std::ops::Range<usize>, out: &mut [f32]) {
+            self.inner.decode_rows(g, value, rows, out)
+        }
 
         fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()> {
             self.inner.evict(g, idx)
@@ -159,6 +162,10 @@ pub trait Codec: CodecClone + Send + Sync {
     /// (never a copy of the whole cache): attention over several queries decodes each row once
     /// for all of them, and disjoint ranges of one head can be decoded in parallel.
     fn for_each_decoded(&self, g: usize, value: bool, rows: std::ops::Range<usize>, f: &mut dyn FnMut(usize, &[f32]));
+    /// The tokens of `rows` held by KV head `g` (all of them must be), decoded as
+    /// `for_each_decoded` decodes them, into `out`: `rows.len()` rows of `head_dim` values, a tile
+    /// that attention's products then read as a matrix.
+    fn decode_rows(&self, g: usize, value: bool, rows: std::ops::Range<usize>, out: &mut [f32]);
     /// Removes head `g`'s tokens at these indices (ascending, distinct, each < len(g)). The
     /// memory of evicted tokens is freed (or reused), and `bytes` drops accordingly.
     fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()>;

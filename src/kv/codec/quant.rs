@@ -19,6 +19,7 @@
 //! group with no rows left frees its scales.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::pack::{code_at, f16_down, f16_up, pack_row, row_bytes, unpack_row};
 use super::MAX_HEAD_DIM;
@@ -156,7 +157,7 @@ impl QuantMatrix {
 
     /// Calls `f(j, row)` with row `j` dequantized, for the rows of `rows` (cut at `self.n`), in
     /// order.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn for_rows_in(&self, rows: std::ops::Range<usize>, mut f: impl FnMut(usize, &[f32])) {
         let d = self.d;
         let (lo, hi) = (rows.start, rows.end.min(self.n));
@@ -180,6 +181,7 @@ impl QuantMatrix {
             Layout::Channel { .. } => {
                 let mut s = [0f32; MAX_HEAD_DIM];
                 let mut z = [0f32; MAX_HEAD_DIM];
+                let mut sz = [0f32; 2 * MAX_HEAD_DIM];
                 let mut start = 0;
                 for (gi, &cnt) in self.group_rows.iter().enumerate() {
                     let end = start + cnt as usize;
@@ -187,9 +189,10 @@ impl QuantMatrix {
                         break;
                     }
                     if end > lo {
-                        for (c, sz) in self.scales[gi * d * 2..(gi + 1) * d * 2].chunks_exact(2).enumerate() {
-                            s[c] = sz[0].to_f32();
-                            z[c] = sz[1].to_f32();
+                        self.scales[gi * d * 2..(gi + 1) * d * 2].convert_to_f32_slice(&mut sz[..2 * d]);
+                        for (c, p) in sz[..2 * d].chunks_exact(2).enumerate() {
+                            s[c] = p[0];
+                            z[c] = p[1];
                         }
                         for j in start.max(lo)..end.min(hi) {
                             unpack_row(&self.codes[j * self.row_bytes..(j + 1) * self.row_bytes], self.bits, row);
