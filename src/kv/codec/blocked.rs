@@ -443,21 +443,7 @@ impl Blocked {
         let d = self.head_dim;
         let Some(head) = self.heads.get(g) else { return };
         let (lo, hi) = (rows.start, rows.end);
-        let mut off = 0;
-        B_F32.with(|cell| {
-            let mut bf = cell.borrow_mut();
-            for b in &head.blocks {
-                if off >= hi {
-                    return;
-                }
-                if off + b.n > lo {
-                    let part = if value { &b.v } else { &b.k };
-                    let local = lo.saturating_sub(off)..(hi - off).min(b.n);
-                    part.for_decoded_rows(local, d, &mut bf, |j, x| f(off + j, x));
-                }
-                off += b.n;
-            }
-        });
+        let off = self.decode_block_rows(head, value, lo, hi, |j, x| f(j, x));
         let buf = if value { &head.buf_v } else { &head.buf_k };
         let mut row = [0f32; MAX_HEAD_DIM];
         let first = lo.max(off);
@@ -465,6 +451,26 @@ impl Blocked {
             xr.convert_to_f32_slice(&mut row[..d]);
             f(off + i, &row[..d]);
         }
+    }
+
+    /// Calls `f(j, x_j)` for the rows `lo..hi` of `head` held in compressed blocks, in order;
+    /// returns the number of rows the blocks hold (the index of the f16 buffer's first row).
+    #[inline(always)]
+    fn decode_block_rows(&self, head: &Head, value: bool, lo: usize, hi: usize, mut f: impl FnMut(usize, &[f32])) -> usize {
+        let mut off = 0;
+        // The scratch is taken out of its cell, so that the loop runs in the calling function
+        // (compiled for AVX2 when `decode_rows` calls it).
+        let mut bf = B_F32.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+        for b in &head.blocks {
+            if off < hi && off + b.n > lo {
+                let part = if value { &b.v } else { &b.k };
+                let local = lo.saturating_sub(off)..(hi - off).min(b.n);
+                part.for_decoded_rows(local, self.head_dim, &mut bf, |j, x| f(off + j, x));
+            }
+            off += b.n;
+        }
+        B_F32.with(|cell| *cell.borrow_mut() = bf);
+        off
     }
 
     /// See `Codec::decode_rows`.
@@ -490,24 +496,7 @@ impl Blocked {
         let d = self.head_dim;
         let Some(head) = self.heads.get(g) else { return };
         let (lo, hi) = (rows.start, rows.end);
-        let mut off = 0;
-        // The scratch is taken out of its cell, so that the loop runs in this (AVX2) function.
-        let mut bf = B_F32.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-        for b in &head.blocks {
-            if off >= hi {
-                break;
-            }
-            if off + b.n > lo {
-                let part = if value { &b.v } else { &b.k };
-                let local = lo.saturating_sub(off)..(hi - off).min(b.n);
-                part.for_decoded_rows(local, d, &mut bf, |j, x| out[(off + j - lo) * d..][..d].copy_from_slice(x));
-            }
-            off += b.n;
-        }
-        B_F32.with(|cell| *cell.borrow_mut() = bf);
-        if off >= hi {
-            return;
-        }
+        let off = self.decode_block_rows(head, value, lo, hi, |j, x| out[(j - lo) * d..][..d].copy_from_slice(x));
         let buf = if value { &head.buf_v } else { &head.buf_k };
         let first = lo.max(off);
         let last = hi.min(off + buf.len() / d);
