@@ -1,9 +1,10 @@
 //! `cargo bench --bench matmul`: the CPU matmul per quant type, reference vs fast, decode (one
-//! token) and prefill (a block of tokens), reported as weight bytes read per second.
+//! token) and prefill (a block of tokens), reported as weight bytes read per second; Q4_0 also in
+//! the 16-row layout the CPU backend repacks it to (`packed`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use kvgear::backend::cpu::{fast, reference};
+use kvgear::backend::cpu::{fast, packed, reference};
 use kvgear::format::quant::{quantize, GgmlType};
 use kvgear::model::weights::Tensor;
 use kvgear::rng::Rng;
@@ -35,6 +36,12 @@ fn matmul(c: &mut Criterion) {
                 g.bench_with_input(BenchmarkId::new(format!("fast/{ty}"), n_tokens), &n_tokens, |b, &n| {
                     b.iter(|| fast::matmul(&w, &x, n, &mut out).expect("matmul"))
                 });
+                if packed::PackedQ4_0::fits(&w) {
+                    let p = packed::PackedQ4_0::new(&w).expect("repack");
+                    g.bench_with_input(BenchmarkId::new(format!("fast/{ty}-packed16"), n_tokens), &n_tokens, |b, &n| {
+                        b.iter(|| packed::matmul(&p, &x, n, &mut out).expect("matmul"))
+                    });
+                }
                 if n_tokens == 1 && n_cols <= 576 {
                     g.bench_with_input(BenchmarkId::new(format!("reference/{ty}"), n_tokens), &n_tokens, |b, &n| {
                         b.iter(|| reference::matmul(&w, &x, n, &mut out).expect("matmul"))

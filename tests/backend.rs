@@ -4,6 +4,7 @@
 mod common;
 
 use kvgear::backend::cpu::fast::{self, set_simd, supported_simd};
+use kvgear::backend::cpu::packed;
 use kvgear::backend::cpu::reference::{self, RopeParams, RopeStyle};
 use kvgear::backend::cpu::Cpu;
 use kvgear::format::quant::{quantize, GgmlType};
@@ -94,6 +95,60 @@ fn matmul_matches_reference_for_every_type_and_simd_path() {
         }
     }
     set_simd(fast::detected_simd()).unwrap();
+}
+
+/// The 16-row Q4_0 layout: every row comes back as stored, and its matmul matches the
+/// reference on every SIMD path (the AVX-512 kernel and its portable twin), for one token (decode)
+/// and for tiles of tokens with a partial last tile (prefill), with several tasks of groups.
+#[test]
+fn repacked_q4_0_matmul_matches_reference_on_every_simd_path() {
+    let s = seed();
+    let mut rng = Rng::new(s);
+    for (n_cols, n_rows) in [(32, 16), (96, 48), (256, 64), (512, 160)] {
+        let w = random_tensor(&mut rng, GgmlType::Q4_0, n_cols, n_rows);
+        let p = packed::PackedQ4_0::new(&w).unwrap();
+        assert_eq!(p.n_bytes(), w.n_bytes());
+        let mut row = vec![0u8; w.row_bytes()];
+        for r in 0..n_rows {
+            p.gguf_row(r, &mut row);
+            assert_eq!(row, w.row(r), "row {r} of [{n_cols}, {n_rows}] after repacking");
+        }
+        for level in supported_simd() {
+            set_simd(level).unwrap();
+            for n_tokens in [1, 3, 4, 9, 17] {
+                let x: Vec<f32> = (0..n_cols * n_tokens).map(|_| rng.normal()).collect();
+                let mut want = vec![f32::NAN; n_rows * n_tokens];
+                let mut got = vec![f32::NAN; n_rows * n_tokens];
+                let mut unpacked = vec![f32::NAN; n_rows * n_tokens];
+                reference::matmul(&w, &x, n_tokens, &mut want).unwrap();
+                packed::matmul(&p, &x, n_tokens, &mut got).unwrap();
+                fast::matmul(&w, &x, n_tokens, &mut unpacked).unwrap();
+                let mut wrow = vec![0.0f32; n_cols];
+                for r in 0..n_rows {
+                    w.dequantize_row(r, &mut wrow).unwrap();
+                    let wn = wrow.iter().map(|v| v * v).sum::<f32>().sqrt();
+                    for t in 0..n_tokens {
+                        let xn = x[t * n_cols..(t + 1) * n_cols].iter().map(|v| v * v).sum::<f32>().sqrt();
+                        let i = t * n_rows + r;
+                        let e = (got[i] - want[i]).abs() / (wn * xn).max(1e-20);
+                        assert!(e < QUANT_ACT_TOL, "{level:?} [{n_cols}, {n_rows}] tokens {n_tokens}: err {e} at ({t}, {r}) (seed {s})");
+                        // The same int8 activations and the same integer block sums as the
+                        // unpacked kernels: only the f32 rounding of the scaled sums differs.
+                        let e = (got[i] - unpacked[i]).abs() / (wn * xn).max(1e-20);
+                        assert!(e < 1e-5, "{level:?} [{n_cols}, {n_rows}] tokens {n_tokens}: packed vs unpacked {e} at ({t}, {r}) (seed {s})");
+                    }
+                }
+            }
+        }
+        set_simd(fast::detected_simd()).unwrap();
+    }
+    let odd = random_tensor(&mut rng, GgmlType::Q4_0, 64, 17);
+    assert!(!packed::PackedQ4_0::fits(&odd));
+    let e = packed::PackedQ4_0::new(&odd).err().expect("17 rows are not repacked").to_string();
+    assert!(e.contains("multiple of 16 rows"), "{e}");
+    let mut out = vec![0.0f32; 16];
+    let p = packed::PackedQ4_0::new(&random_tensor(&mut rng, GgmlType::Q4_0, 64, 16)).unwrap();
+    assert!(packed::matmul(&p, &[0.0; 32], 1, &mut out).is_err(), "short input accepted");
 }
 
 #[test]

@@ -32,6 +32,11 @@ pub trait Backend {
     /// Copies the first `out.len()` values of `buf` into `out`.
     fn download(&self, buf: &Self::Buf, out: &mut [f32]) -> Result<()>;
     fn weight(&self, t: &Tensor) -> Result<Self::Weight>;
+    /// An embedding table: its rows are looked up by `embed`, never multiplied. By default held
+    /// as `weight` holds a matrix.
+    fn table(&self, t: &Tensor) -> Result<Self::Weight> {
+        self.weight(t)
+    }
 
     /// `out[t, :] = table[tokens[t], :]`, dequantized.
     fn embed(&self, table: &Self::Weight, tokens: &[u32], out: &mut Self::Buf) -> Result<()>;

@@ -61,7 +61,7 @@ impl<B: Backend> DeviceWeights<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(DeviceWeights {
-            token_embd: b.weight(&w.token_embd)?,
+            token_embd: b.table(&w.token_embd)?,
             layers,
             output_norm: b.upload(&w.output_norm)?,
             output: b.weight(&w.output)?,

@@ -95,6 +95,17 @@ impl Tensor {
         Ok(out)
     }
 
+    /// Drops this tensor's pages of a memory-mapped file from the resident set, once a backend
+    /// holds its own copy: the map is read-only and private, so the pages are read back from the
+    /// file if they are touched again. Owned bytes are kept.
+    pub fn release_pages(&self) {
+        if let Storage::Mmap(m) = self.storage.as_ref() {
+            // SAFETY: DONTNEED on a read-only file mapping discards no data: the pages come back
+            // unchanged from the file on the next access. A failure only leaves them resident.
+            let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.offset, self.n_bytes) };
+        }
+    }
+
     /// Whether both tensors view the same bytes (tied embeddings).
     pub fn same_data(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.storage, &other.storage) && self.offset == other.offset && self.n_bytes == other.n_bytes

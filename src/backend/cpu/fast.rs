@@ -110,17 +110,17 @@ pub fn simd_level() -> &'static str {
 /// An activation row quantized in 32-value blocks: int8 codes, the f16-rounded scale of each
 /// block, and the integer sum of each block's codes.
 #[derive(Default)]
-struct Q8Row {
-    qs: Vec<i8>,
-    d: Vec<f32>,
-    sum: Vec<i32>,
+pub(crate) struct Q8Row {
+    pub(crate) qs: Vec<i8>,
+    pub(crate) d: Vec<f32>,
+    pub(crate) sum: Vec<i32>,
     /// `d * sum` rounded to f16, as `block_q8_1` stores it: the types with a minimum use it.
-    s: Vec<f32>,
+    pub(crate) s: Vec<f32>,
 }
 
 /// Quantizes `x` (a multiple of 32 long) to int8 blocks as llama.cpp's x86 `quantize_row_q8_0`
 /// and `quantize_row_q8_1` do: `x * (127 / amax)` rounded half to even.
-fn quantize_q8(x: &[f32], out: &mut Q8Row) {
+pub(crate) fn quantize_q8(x: &[f32], out: &mut Q8Row) {
     let nb = x.len() / 32;
     out.qs.resize(x.len(), 0);
     out.d.resize(nb, 0.0);

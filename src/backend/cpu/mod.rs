@@ -2,6 +2,7 @@
 //! [`Cpu`] type that implements [`Backend`] with the kernels its [`CpuKind`] names.
 
 pub mod fast;
+pub mod packed;
 pub mod pool;
 pub mod reference;
 
@@ -35,6 +36,22 @@ impl Cpu {
     }
 }
 
+/// A weight matrix as the CPU backend holds it: the tensor as stored and, for a Q4_0 matrix the
+/// fast backend multiplies with AVX-512 VNNI, the same blocks repacked 16 rows at a time
+/// ([`packed`]). Once repacked, the stored tensor's mapped pages are released: the matmul reads
+/// only the repacked copy, so the weights stay resident once.
+pub struct CpuWeight {
+    pub tensor: Tensor,
+    pub packed: Option<packed::PackedQ4_0>,
+}
+
+impl CpuWeight {
+    /// Bytes of weights this holds in memory for its matmul.
+    pub fn n_bytes(&self) -> usize {
+        self.packed.as_ref().map_or(self.tensor.n_bytes(), |p| p.n_bytes())
+    }
+}
+
 fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
     if have < need {
         bail!("{what}: buffer of {have} values, the op needs {need}");
@@ -44,7 +61,7 @@ fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
-    type Weight = Tensor;
+    type Weight = CpuWeight;
     type KvLayer = CpuKv;
 
     fn describe(&self) -> String {
@@ -73,11 +90,22 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn weight(&self, t: &Tensor) -> Result<Tensor> {
-        Ok(t.clone())
+    fn weight(&self, t: &Tensor) -> Result<CpuWeight> {
+        let repack = self.kind == CpuKind::Fast && fast::detected_simd() == fast::Simd::Avx512Vnni && packed::PackedQ4_0::fits(t);
+        if !repack {
+            return Ok(CpuWeight { tensor: t.clone(), packed: None });
+        }
+        let p = packed::PackedQ4_0::new(t)?;
+        t.release_pages();
+        Ok(CpuWeight { tensor: t.clone(), packed: Some(p) })
     }
 
-    fn embed(&self, table: &Tensor, tokens: &[u32], out: &mut Vec<f32>) -> Result<()> {
+    fn table(&self, t: &Tensor) -> Result<CpuWeight> {
+        Ok(CpuWeight { tensor: t.clone(), packed: None })
+    }
+
+    fn embed(&self, table: &CpuWeight, tokens: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        let table = &table.tensor;
         let d = table.n_cols;
         check_len("embed", out.len(), tokens.len() * d)?;
         for (t, &id) in tokens.iter().enumerate() {
@@ -107,12 +135,14 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn matmul(&self, w: &Tensor, x: &Vec<f32>, n_tokens: usize, out: &mut Vec<f32>) -> Result<()> {
+    fn matmul(&self, w: &CpuWeight, x: &Vec<f32>, n_tokens: usize, out: &mut Vec<f32>) -> Result<()> {
+        let (p, w) = (&w.packed, &w.tensor);
         check_len("matmul x", x.len(), n_tokens * w.n_cols)?;
         check_len("matmul out", out.len(), n_tokens * w.n_rows)?;
-        match self.kind {
-            CpuKind::Reference => reference::matmul(w, &x[..n_tokens * w.n_cols], n_tokens, out),
-            CpuKind::Fast => fast::matmul(w, &x[..n_tokens * w.n_cols], n_tokens, out),
+        match (self.kind, p) {
+            (CpuKind::Reference, _) => reference::matmul(w, &x[..n_tokens * w.n_cols], n_tokens, out),
+            (CpuKind::Fast, Some(p)) => packed::matmul(p, &x[..n_tokens * w.n_cols], n_tokens, out),
+            (CpuKind::Fast, None) => fast::matmul(w, &x[..n_tokens * w.n_cols], n_tokens, out),
         }
     }
 
