@@ -158,9 +158,6 @@ pub struct StrategyLayer {
     pub prompt_len: usize,
     /// Tokens appended so far (the next token's position).
     pub n_seen: usize,
-    /// Per attention task (KV head x query chunk x segment of held tokens): scores, outputs,
-    /// partial mass.
-    work: Vec<AttnWork>,
     capacity: usize,
     spec: StrategySpec,
     layer: usize,
@@ -176,7 +173,6 @@ impl Clone for StrategyLayer {
             mass: self.mass.clone(),
             prompt_len: self.prompt_len,
             n_seen: self.n_seen,
-            work: Vec::new(),
             capacity: self.capacity,
             spec: self.spec.clone(),
             layer: self.layer,
@@ -195,7 +191,6 @@ impl StrategyLayer {
             mass: vec![Vec::new(); n_kv_heads],
             prompt_len: 0,
             n_seen: 0,
-            work: Vec::new(),
             capacity,
             spec: spec.clone(),
             layer,
@@ -266,7 +261,10 @@ impl StrategyLayer {
         let codec = &*self.codec;
         let n_seg = (0..n_kv).map(|g| codec.len(g).div_ceil(SEGMENT_ROWS)).max().unwrap_or(0).max(1);
         let n_tasks = n_kv * n_chunks * n_seg;
-        self.work.resize_with(n_tasks, AttnWork::default);
+        // One scratch for every layer (taken from the calling thread, put back at the end): a
+        // prompt batch's scores are large, and a layer's own would be held by every layer.
+        let mut work = ATTN_WORK.with(|c| std::mem::take(&mut *c.borrow_mut()));
+        work.resize_with(n_tasks, AttnWork::default);
         // Task `(g, c, s)`: its queries (the `i`-th is position `t0 + i / group`, query head
         // `g * group + i % group`), the tokens the last of them sees, and its segment of those.
         let layout = |task: usize| {
@@ -278,7 +276,7 @@ impl StrategyLayer {
             let rows = (s * SEGMENT_ROWS).min(n_max)..((s + 1) * SEGMENT_ROWS).min(n_max);
             (g, t0, t1, n_len, rows)
         };
-        pool::for_each_mut(&mut self.work[..n_tasks], |task, w| {
+        pool::for_each_mut(&mut work[..n_tasks], |task, w| {
             let (g, t0, t1, _, rows) = layout(task);
             let n_q = (t1 - t0) * group;
             w.q.clear();
@@ -288,15 +286,17 @@ impl StrategyLayer {
             let n_r = rows.len();
             w.scores.clear();
             w.scores.resize(n_q * n_r, 0.0);
-            w.tile.resize(TILE_ROWS * hd, 0.0);
-            for t in rows.clone().step_by(TILE_ROWS) {
-                let n = TILE_ROWS.min(rows.end - t);
-                codec.decode_rows(g, false, t..t + n, &mut w.tile[..n * hd]);
-                scores_tile(&w.q, &w.tile[..n * hd], hd, &mut w.scores, n_r, t - rows.start);
-            }
+            TILE.with_borrow_mut(|tile| {
+                tile.resize(TILE_ROWS * hd, 0.0);
+                for t in rows.clone().step_by(TILE_ROWS) {
+                    let n = TILE_ROWS.min(rows.end - t);
+                    codec.decode_rows(g, false, t..t + n, &mut tile[..n * hd]);
+                    scores_tile(&w.q, &tile[..n * hd], hd, &mut w.scores, n_r, t - rows.start);
+                }
+            });
         });
         // Softmax of each query over its segments, in token order.
-        pool::for_each_chunk_mut(&mut self.work[..n_tasks], n_seg, |gc, segs| {
+        pool::for_each_chunk_mut(&mut work[..n_tasks], n_seg, |gc, segs| {
             let (_, t0, t1, n_len, _) = layout(gc * n_seg);
             let n_q = (t1 - t0) * group;
             for i in 0..n_q {
@@ -326,18 +326,20 @@ impl StrategyLayer {
                 }
             }
         });
-        pool::for_each_mut(&mut self.work[..n_tasks], |task, w| {
+        pool::for_each_mut(&mut work[..n_tasks], |task, w| {
             let (g, t0, t1, n_len, rows) = layout(task);
             let n_q = (t1 - t0) * group;
             let (r0, n_r) = (rows.start, rows.len());
             w.out.clear();
             w.out.resize(n_q * hd, 0.0);
-            w.tile.resize(TILE_ROWS * hd, 0.0);
-            for t in rows.clone().step_by(TILE_ROWS) {
-                let n = TILE_ROWS.min(rows.end - t);
-                codec.decode_rows(g, true, t..t + n, &mut w.tile[..n * hd]);
-                weighted_tile(&w.scores, n_r, t - r0, &w.tile[..n * hd], hd, &mut w.out);
-            }
+            TILE.with_borrow_mut(|tile| {
+                tile.resize(TILE_ROWS * hd, 0.0);
+                for t in rows.clone().step_by(TILE_ROWS) {
+                    let n = TILE_ROWS.min(rows.end - t);
+                    codec.decode_rows(g, true, t..t + n, &mut tile[..n * hd]);
+                    weighted_tile(&w.scores, n_r, t - r0, &tile[..n * hd], hd, &mut w.out);
+                }
+            });
             w.mass.clear();
             if want {
                 // The queries' own tokens (past `n_len`) are not held yet: no mass for them.
@@ -349,7 +351,7 @@ impl StrategyLayer {
                 }
             }
         });
-        for (task, w) in self.work[..n_tasks].iter().enumerate() {
+        for (task, w) in work[..n_tasks].iter().enumerate() {
             let (g, t0, _, _, rows) = layout(task);
             let first = task % n_seg == 0;
             for (i, part) in w.out.chunks_exact(group * hd).enumerate() {
@@ -368,6 +370,7 @@ impl StrategyLayer {
                 }
             }
         }
+        ATTN_WORK.with(|c| *c.borrow_mut() = work);
     }
 }
 
@@ -467,15 +470,21 @@ const QUERY_CHUNK: usize = 16;
 /// makes several tasks per thread.
 const SEGMENT_ROWS: usize = 256;
 
-/// One attention task's scratch, kept between steps so decoding allocates nothing.
+/// One attention task's scratch (KV head x query chunk x segment of held tokens): its queries,
+/// scores, partial outputs and mass. Kept between calls so decoding allocates nothing.
 #[derive(Default)]
 struct AttnWork {
     q: Vec<f32>,
     scores: Vec<f32>,
     out: Vec<f32>,
     mass: Vec<f32>,
-    /// `TILE_ROWS` decoded keys or values.
-    tile: Vec<f32>,
+}
+
+thread_local! {
+    /// The attention tasks' scratch, shared by every layer called from this thread.
+    static ATTN_WORK: std::cell::RefCell<Vec<AttnWork>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// `TILE_ROWS` decoded keys or values, per thread.
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Bytes one layer's cache holds under `spec` after a prompt of `n_prompt` tokens, run in
