@@ -56,6 +56,23 @@ fn random_tensor(rng: &mut Rng, ty: GgmlType, n_cols: usize, n_rows: usize) -> T
     Tensor::from_bytes("w", ty, n_cols, n_rows, bytes).unwrap()
 }
 
+/// Asserts `|got - want| < tol |w_r| |x_t|` for every output (`[n_tokens, n_rows]`): each error
+/// is measured against the bound Cauchy-Schwarz puts on the dot product, so outputs near zero
+/// are judged fairly.
+fn assert_matmul_close(w: &Tensor, x: &[f32], n_tokens: usize, got: &[f32], want: &[f32], tol: f32, what: &str) {
+    let (n_cols, n_rows) = (w.n_cols, w.n_rows);
+    let mut row = vec![0.0f32; n_cols];
+    for r in 0..n_rows {
+        w.dequantize_row(r, &mut row).unwrap();
+        let wn = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        for t in 0..n_tokens {
+            let xn = x[t * n_cols..(t + 1) * n_cols].iter().map(|v| v * v).sum::<f32>().sqrt();
+            let e = (got[t * n_rows + r] - want[t * n_rows + r]).abs() / (wn * xn).max(1e-20);
+            assert!(e < tol, "{what}: err {e} at ({t}, {r})");
+        }
+    }
+}
+
 #[test]
 fn matmul_matches_reference_for_every_type_and_simd_path() {
     let s = seed();
@@ -79,18 +96,7 @@ fn matmul_matches_reference_for_every_type_and_simd_path() {
                 } else {
                     FLOAT_TOL
                 };
-                // Each error is measured against |w_r| |x_t|, the bound Cauchy-Schwarz puts on the
-                // dot product, so outputs near zero are judged fairly.
-                let mut row = vec![0.0f32; n_cols];
-                for r in 0..n_rows {
-                    w.dequantize_row(r, &mut row).unwrap();
-                    let wn = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-                    for t in 0..n_tokens {
-                        let xn = x[t * n_cols..(t + 1) * n_cols].iter().map(|v| v * v).sum::<f32>().sqrt();
-                        let e = (got[t * n_rows + r] - want[t * n_rows + r]).abs() / (wn * xn).max(1e-20);
-                        assert!(e < tol, "{ty} {level:?} rows {n_rows} tokens {n_tokens}: err {e} at ({t}, {r}) (seed {s})");
-                    }
-                }
+                assert_matmul_close(&w, &x, n_tokens, &got, &want, tol, &format!("{ty} {level:?} rows {n_rows} tokens {n_tokens} (seed {s})"));
             }
         }
     }
@@ -123,21 +129,11 @@ fn repacked_q4_0_matmul_matches_reference_on_every_simd_path() {
                 reference::matmul(&w, &x, n_tokens, &mut want).unwrap();
                 packed::matmul(&p, &x, n_tokens, &mut got).unwrap();
                 fast::matmul(&w, &x, n_tokens, &mut unpacked).unwrap();
-                let mut wrow = vec![0.0f32; n_cols];
-                for r in 0..n_rows {
-                    w.dequantize_row(r, &mut wrow).unwrap();
-                    let wn = wrow.iter().map(|v| v * v).sum::<f32>().sqrt();
-                    for t in 0..n_tokens {
-                        let xn = x[t * n_cols..(t + 1) * n_cols].iter().map(|v| v * v).sum::<f32>().sqrt();
-                        let i = t * n_rows + r;
-                        let e = (got[i] - want[i]).abs() / (wn * xn).max(1e-20);
-                        assert!(e < QUANT_ACT_TOL, "{level:?} [{n_cols}, {n_rows}] tokens {n_tokens}: err {e} at ({t}, {r}) (seed {s})");
-                        // The same int8 activations and the same integer block sums as the
-                        // unpacked kernels: only the f32 rounding of the scaled sums differs.
-                        let e = (got[i] - unpacked[i]).abs() / (wn * xn).max(1e-20);
-                        assert!(e < 1e-5, "{level:?} [{n_cols}, {n_rows}] tokens {n_tokens}: packed vs unpacked {e} at ({t}, {r}) (seed {s})");
-                    }
-                }
+                let what = format!("{level:?} [{n_cols}, {n_rows}] tokens {n_tokens} (seed {s})");
+                assert_matmul_close(&w, &x, n_tokens, &got, &want, QUANT_ACT_TOL, &what);
+                // The same int8 activations and the same integer block sums as the unpacked
+                // kernels: only the f32 rounding of the scaled sums differs.
+                assert_matmul_close(&w, &x, n_tokens, &got, &unpacked, 1e-5, &format!("{what}, packed vs unpacked"));
             }
         }
         set_simd(fast::detected_simd()).unwrap();

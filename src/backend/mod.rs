@@ -19,7 +19,8 @@ use crate::model::weights::Tensor;
 pub trait Backend {
     /// An f32 activation buffer.
     type Buf;
-    /// A weight matrix as this backend holds it (in its stored block format).
+    /// A weight matrix as this backend holds it: its stored blocks, as the file has them or
+    /// repacked for the backend's kernels (the CPU's 16-row Q4_0).
     type Weight;
     /// One layer's KV cache.
     type KvLayer;

@@ -95,6 +95,11 @@ impl Tensor {
         Ok(out)
     }
 
+    /// Whether the bytes are a memory-mapped file's (rather than owned by the process).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage.as_ref(), Storage::Mmap(_))
+    }
+
     /// Drops this tensor's pages of a memory-mapped file from the resident set, once a backend
     /// holds its own copy: the map is read-only and private, so the pages are read back from the
     /// file if they are touched again. Owned bytes are kept.

@@ -38,8 +38,8 @@ impl Cpu {
 
 /// A weight matrix as the CPU backend holds it: the tensor as stored and, for a Q4_0 matrix the
 /// fast backend multiplies with AVX-512 VNNI, the same blocks repacked 16 rows at a time
-/// ([`packed`]). Once repacked, the stored tensor's mapped pages are released: the matmul reads
-/// only the repacked copy, so the weights stay resident once.
+/// ([`packed`]). Only memory-mapped tensors are repacked, and their mapped pages are then
+/// released: the matmul reads only the repacked copy, so the weights stay resident once.
 pub struct CpuWeight {
     pub tensor: Tensor,
     pub packed: Option<packed::PackedQ4_0>,
@@ -91,7 +91,12 @@ impl Backend for Cpu {
     }
 
     fn weight(&self, t: &Tensor) -> Result<CpuWeight> {
-        let repack = self.kind == CpuKind::Fast && fast::detected_simd() == fast::Simd::Avx512Vnni && packed::PackedQ4_0::fits(t);
+        // Only a mapped tensor is repacked: its pages can be released, while owned bytes (a
+        // model quantized in memory) stay held by the model and would be counted twice.
+        let repack = self.kind == CpuKind::Fast
+            && fast::detected_simd() == fast::Simd::Avx512Vnni
+            && t.is_mapped()
+            && packed::PackedQ4_0::fits(t);
         if !repack {
             return Ok(CpuWeight { tensor: t.clone(), packed: None });
         }

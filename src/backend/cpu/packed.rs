@@ -15,8 +15,9 @@
 //! rows and block, not once per row; the unpacked codes of a block serve every token of a tile.
 //!
 //! Each row's sum runs over its blocks in order, `acc += (d_w * d_x) * isum`, as the reference
-//! backend sums them. The layout needs a multiple of 16 rows; the CPU backend repacks a Q4_0
-//! matrix at load when AVX-512 VNNI is present and drops the mapped pages of the original.
+//! backend sums them. The layout needs a multiple of 16 rows; the CPU backend repacks a
+//! memory-mapped Q4_0 matrix at load when AVX-512 VNNI is present and drops the mapped pages of
+//! the original.
 
 use std::cell::RefCell;
 
