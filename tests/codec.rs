@@ -148,6 +148,10 @@ fn check_attention(c: &dyn Codec, rng: &mut Rng, heads: usize, d: usize, what: &
                 for (lo, hi) in [(0, n_use), (n_use / 3, 2 * n_use / 3 + 1), (n_use - 1, n_use)] {
                     let mut tile = vec![f32::NAN; (hi - lo) * d];
                     c.decode_rows(g, value, lo..hi, &mut tile);
+                    // The same values, bit for bit, as the row-by-row walk.
+                    let mut walked = vec![f32::NAN; (hi - lo) * d];
+                    c.for_each_decoded(g, value, lo..hi, &mut |j, x| walked[(j - lo) * d..(j - lo + 1) * d].copy_from_slice(x));
+                    assert!(tile.iter().zip(&walked).all(|(a, b)| a.to_bits() == b.to_bits()), "{what} head {g}: decode_rows {lo}..{hi} differs from for_each_decoded");
                     for (j, x) in (lo..hi).zip(tile.chunks_exact(d)) {
                         assert!(x.iter().zip(&want[j * d..(j + 1) * d]).all(|(&a, &b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs())), "{what} head {g}: decode_rows row {j} of {lo}..{hi}");
                     }
