@@ -174,6 +174,38 @@ fn check_attention(c: &dyn Codec, rng: &mut Rng, heads: usize, d: usize, what: &
                 let mag: f64 = 0.5 + (0..n_use).map(|j| (p[j] as f64 * v[j * d + ch] as f64).abs()).sum::<f64>();
                 assert!((out[ch] as f64 - want).abs() <= ATTN_REL_TOL * mag, "{what} head {g} channel {ch}/{n_use}: {} vs {want}", out[ch]);
             }
+            // The direct paths (decoding's few queries per KV head): several queries at once,
+            // over ranges of rows, from the stored form. Every compressed codec has them.
+            let n_q = 3;
+            let qs = normal(rng, n_q * d);
+            for (lo, hi) in [(0, n_use), (n_use / 3, 2 * n_use / 3 + 1), (n_use - 1, n_use)] {
+                let m = hi - lo;
+                let mut sc = vec![f32::NAN; n_q * m];
+                let direct = c.scores_direct(g, &qs, lo..hi, &mut sc, m);
+                assert!(direct || what.contains("fp16"), "{what}: no direct scores");
+                if !direct {
+                    continue;
+                }
+                for i in 0..n_q {
+                    for j in lo..hi {
+                        let qk = || qs[i * d..(i + 1) * d].iter().zip(&k[j * d..(j + 1) * d]).map(|(&a, &b)| a as f64 * b as f64);
+                        let (want, mag) = (qk().sum::<f64>(), qk().map(f64::abs).sum::<f64>());
+                        let got = sc[i * m + j - lo] as f64;
+                        assert!((got - want).abs() <= ATTN_REL_TOL * mag + 1e-12, "{what} head {g} query {i} token {j} of {lo}..{hi}: direct score {got} vs {want}");
+                    }
+                }
+                let pp: Vec<f32> = (0..n_q * m).map(|_| rng.next_f32()).collect();
+                let mut o = vec![0.5f32; n_q * d];
+                assert!(c.weighted_direct(g, &pp, m, lo..hi, &mut o), "{what}: no direct values");
+                for i in 0..n_q {
+                    for ch in 0..d {
+                        let pv = || (lo..hi).map(|j| pp[i * m + j - lo] as f64 * v[j * d + ch] as f64);
+                        let (want, mag) = (0.5 + pv().sum::<f64>(), 0.5 + pv().map(f64::abs).sum::<f64>());
+                        let got = o[i * d + ch] as f64;
+                        assert!((got - want).abs() <= ATTN_REL_TOL * mag, "{what} head {g} query {i} channel {ch} of {lo}..{hi}: direct value {got} vs {want}");
+                    }
+                }
+            }
         }
     }
 }

@@ -286,6 +286,12 @@ impl StrategyLayer {
             let n_r = rows.len();
             w.scores.clear();
             w.scores.resize(n_q * n_r, 0.0);
+            // Decoding's few queries per KV head: scores straight from the stored form where the
+            // codec can; otherwise (and for a prompt batch's many queries) decode tiles of rows
+            // once for all the queries.
+            if codec.scores_direct(g, &w.q, rows.clone(), &mut w.scores, n_r) {
+                return;
+            }
             TILE.with_borrow_mut(|tile| {
                 tile.resize(TILE_ROWS * hd, 0.0);
                 for t in rows.clone().step_by(TILE_ROWS) {
@@ -332,14 +338,16 @@ impl StrategyLayer {
             let (r0, n_r) = (rows.start, rows.len());
             w.out.clear();
             w.out.resize(n_q * hd, 0.0);
-            TILE.with_borrow_mut(|tile| {
-                tile.resize(TILE_ROWS * hd, 0.0);
-                for t in rows.clone().step_by(TILE_ROWS) {
-                    let n = TILE_ROWS.min(rows.end - t);
-                    codec.decode_rows(g, true, t..t + n, &mut tile[..n * hd]);
-                    weighted_tile(&w.scores, n_r, t - r0, &tile[..n * hd], hd, &mut w.out);
-                }
-            });
+            if !codec.weighted_direct(g, &w.scores, n_r, rows.clone(), &mut w.out) {
+                TILE.with_borrow_mut(|tile| {
+                    tile.resize(TILE_ROWS * hd, 0.0);
+                    for t in rows.clone().step_by(TILE_ROWS) {
+                        let n = TILE_ROWS.min(rows.end - t);
+                        codec.decode_rows(g, true, t..t + n, &mut tile[..n * hd]);
+                        weighted_tile(&w.scores, n_r, t - r0, &tile[..n * hd], hd, &mut w.out);
+                    }
+                });
+            }
             w.mass.clear();
             if want {
                 // The queries' own tokens (past `n_len`) are not held yet: no mass for them.

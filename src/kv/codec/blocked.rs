@@ -29,7 +29,7 @@ use half::slice::HalfFloatSliceExt;
 use super::lowrank::LowRank;
 use super::quant::{Layout, QuantMatrix};
 use super::sparse::{outlier_count, Outliers};
-use super::{KvBytes, MAX_HEAD_DIM, MAX_RANK};
+use super::{KvBytes, MAX_DIRECT_QUERIES, MAX_HEAD_DIM, MAX_RANK};
 use crate::rng::Rng;
 
 /// GEAR's extra terms.
@@ -212,6 +212,90 @@ impl Part {
         });
         if r > 0 {
             self.lr.add_b_times(&pa[..r], out);
+        }
+    }
+
+    /// For each query `i` of `qs` (`[n_q, d]`, at most [`MAX_DIRECT_QUERIES`]) and row `j` of
+    /// `rows`: `out[i * stride + j - rows.start] = q_i . x_j`, without decoding `x_j` whole: the
+    /// dequantized row is dotted with each query, the low-rank term is `a_j . (Bᵀ q_i)` (rank
+    /// products, not `rank * d`), and each outlier corrects its position.
+    #[inline]
+    fn scores_in(&self, rows: std::ops::Range<usize>, qs: &[f32], d: usize, out: &mut [f32], stride: usize) {
+        let r = self.lr.rank;
+        let n_q = qs.len() / d;
+        let mut bq = [[0f32; MAX_RANK]; MAX_DIRECT_QUERIES];
+        if r > 0 {
+            for (b, q) in bq.iter_mut().zip(qs.chunks_exact(d)) {
+                self.lr.bt_times(q, b);
+            }
+        }
+        let n_out = self.out.len();
+        let mut oi = partition_point(n_out, |i| self.out.pos(i) < rows.start * d);
+        let mut aj = [0f32; MAX_RANK];
+        let j0 = rows.start;
+        self.q.for_rows_in(rows, |j, row| {
+            if r > 0 {
+                self.lr.a_row(j, &mut aj[..r]);
+            }
+            for (i, q) in qs.chunks_exact(d).enumerate() {
+                let mut s = dot(q, row);
+                if r > 0 {
+                    s += dot(&aj[..r], &bq[i][..r]);
+                }
+                out[i * stride + j - j0] = s;
+            }
+            while oi < n_out && self.out.pos(oi) < (j + 1) * d {
+                let c = self.out.pos(oi) - j * d;
+                let dense = row[c] + if r > 0 { self.lr.entry_with(&aj[..r], c) } else { 0.0 };
+                let delta = self.out.value(oi) - dense;
+                for i in 0..n_q {
+                    out[i * stride + j - j0] += qs[i * d + c] * delta;
+                }
+                oi += 1;
+            }
+        });
+    }
+
+    /// For each query `i`: `out_i += sum_j p[i * stride + j - rows.start] x_j` over the rows of
+    /// `rows` (`out`: `[n_q, d]`), without decoding `x_j` whole: each dequantized row is added
+    /// once per query, the low-rank term once per query and block as `B (sum_j p_j a_j)`, and
+    /// each outlier corrects its position.
+    #[inline]
+    fn weighted_in(&self, rows: std::ops::Range<usize>, p: &[f32], stride: usize, d: usize, out: &mut [f32]) {
+        let r = self.lr.rank;
+        let n_q = out.len() / d;
+        let mut pa = [[0f32; MAX_RANK]; MAX_DIRECT_QUERIES];
+        let n_out = self.out.len();
+        let mut oi = partition_point(n_out, |i| self.out.pos(i) < rows.start * d);
+        let mut aj = [0f32; MAX_RANK];
+        let j0 = rows.start;
+        self.q.for_rows_in(rows, |j, row| {
+            if r > 0 {
+                self.lr.a_row(j, &mut aj[..r]);
+            }
+            for (i, o) in out.chunks_exact_mut(d).enumerate() {
+                let pj = p[i * stride + j - j0];
+                if pj != 0.0 {
+                    axpy(o, pj, row);
+                    if r > 0 {
+                        axpy(&mut pa[i][..r], pj, &aj[..r]);
+                    }
+                }
+            }
+            while oi < n_out && self.out.pos(oi) < (j + 1) * d {
+                let c = self.out.pos(oi) - j * d;
+                let dense = row[c] + if r > 0 { self.lr.entry_with(&aj[..r], c) } else { 0.0 };
+                let delta = self.out.value(oi) - dense;
+                for i in 0..n_q {
+                    out[i * d + c] += p[i * stride + j - j0] * delta;
+                }
+                oi += 1;
+            }
+        });
+        if r > 0 {
+            for (o, a) in out.chunks_exact_mut(d).zip(&pa) {
+                self.lr.add_b_times(&a[..r], o);
+            }
         }
     }
 
@@ -437,6 +521,65 @@ impl Blocked {
             vr.convert_to_f32_slice(&mut row[..d]);
             axpy(out, pj, &row[..d]);
         }
+    }
+
+    /// See `Codec::scores_direct`.
+    pub(crate) fn scores_direct(&self, g: usize, qs: &[f32], rows: std::ops::Range<usize>, out: &mut [f32], stride: usize) -> bool {
+        let d = self.head_dim;
+        let Some(head) = self.heads.get(g) else { return false };
+        let n_q = qs.len() / d;
+        if n_q == 0 || n_q > MAX_DIRECT_QUERIES || qs.len() != n_q * d {
+            return false;
+        }
+        let (lo, hi) = (rows.start, rows.end);
+        let mut off = 0;
+        for b in &head.blocks {
+            if off < hi && off + b.n > lo {
+                let local = lo.saturating_sub(off)..(hi - off).min(b.n);
+                let at = off + local.start - lo;
+                b.k.scores_in(local, qs, d, &mut out[at..], stride);
+            }
+            off += b.n;
+        }
+        let mut row = [0f32; MAX_HEAD_DIM];
+        for j in lo.max(off)..hi.min(off + head.buf_k.len() / d) {
+            head.buf_k[(j - off) * d..(j - off + 1) * d].convert_to_f32_slice(&mut row[..d]);
+            for (i, q) in qs.chunks_exact(d).enumerate() {
+                out[i * stride + j - lo] = dot(q, &row[..d]);
+            }
+        }
+        true
+    }
+
+    /// See `Codec::weighted_direct`.
+    pub(crate) fn weighted_direct(&self, g: usize, p: &[f32], stride: usize, rows: std::ops::Range<usize>, out: &mut [f32]) -> bool {
+        let d = self.head_dim;
+        let Some(head) = self.heads.get(g) else { return false };
+        let n_q = out.len() / d;
+        if n_q == 0 || n_q > MAX_DIRECT_QUERIES || out.len() != n_q * d {
+            return false;
+        }
+        let (lo, hi) = (rows.start, rows.end);
+        let mut off = 0;
+        for b in &head.blocks {
+            if off < hi && off + b.n > lo {
+                let local = lo.saturating_sub(off)..(hi - off).min(b.n);
+                let at = off + local.start - lo;
+                b.v.weighted_in(local, &p[at..], stride, d, out);
+            }
+            off += b.n;
+        }
+        let mut row = [0f32; MAX_HEAD_DIM];
+        for j in lo.max(off)..hi.min(off + head.buf_v.len() / d) {
+            head.buf_v[(j - off) * d..(j - off + 1) * d].convert_to_f32_slice(&mut row[..d]);
+            for (i, o) in out.chunks_exact_mut(d).enumerate() {
+                let pj = p[i * stride + j - lo];
+                if pj != 0.0 {
+                    axpy(o, pj, &row[..d]);
+                }
+            }
+        }
+        true
     }
 
     pub(crate) fn for_each_decoded(&self, g: usize, value: bool, rows: std::ops::Range<usize>, f: &mut dyn FnMut(usize, &[f32])) {

@@ -41,6 +41,12 @@ macro_rules! forward_codec_to_inner {
         fn decode_rows(&self, g: usize, value: bool, rows: std::ops::Range<usize>, out: &mut [f32]) {
             self.inner.decode_rows(g, value, rows, out)
         }
+        fn scores_direct(&self, g: usize, qs: &[f32], rows: std::ops::Range<usize>, out: &mut [f32], stride: usize) -> bool {
+            self.inner.scores_direct(g, qs, rows, out, stride)
+        }
+        fn weighted_direct(&self, g: usize, p: &[f32], stride: usize, rows: std::ops::Range<usize>, out: &mut [f32]) -> bool {
+            self.inner.weighted_direct(g, p, stride, rows, out)
+        }
 
         fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()> {
             self.inner.evict(g, idx)
@@ -81,6 +87,9 @@ use half::f16;
 /// Largest head size a codec accepts (rows are decoded into stack buffers of this size).
 pub const MAX_HEAD_DIM: usize = 512;
 /// Largest low-rank rank GEAR accepts.
+/// Queries the direct (decode) attention paths take at once: a KV head's query heads when one
+/// token is decoded.
+pub const MAX_DIRECT_QUERIES: usize = 8;
 pub const MAX_RANK: usize = 64;
 
 /// Bytes a codec holds, by component. Every figure is what is resident, not a simulation.
@@ -166,6 +175,20 @@ pub trait Codec: CodecClone + Send + Sync {
     /// `for_each_decoded` decodes them, into `out`: `rows.len()` rows of `head_dim` values, a tile
     /// that attention's products then read as a matrix.
     fn decode_rows(&self, g: usize, value: bool, rows: std::ops::Range<usize>, out: &mut [f32]);
+    /// For each query `i` of `qs` (`[n_q, head_dim]`) and token `j` of `rows` held by KV head
+    /// `g`: `out[i * stride + j - rows.start] = q_i . k_j`, computed from the stored form without
+    /// decoding the keys whole (for decoding's few queries per KV head). Returns false, writing
+    /// nothing, where the codec has no such path or `n_q` exceeds [`MAX_DIRECT_QUERIES`]: the
+    /// caller then decodes rows with `decode_rows`.
+    fn scores_direct(&self, _g: usize, _qs: &[f32], _rows: std::ops::Range<usize>, _out: &mut [f32], _stride: usize) -> bool {
+        false
+    }
+    /// For each query `i` (`out`: `[n_q, head_dim]`): `out_i += sum_j p[i * stride + j -
+    /// rows.start] v_j` over the tokens of `rows`, from the stored form without decoding the
+    /// values whole. Returns false, writing nothing, where the codec has no such path.
+    fn weighted_direct(&self, _g: usize, _p: &[f32], _stride: usize, _rows: std::ops::Range<usize>, _out: &mut [f32]) -> bool {
+        false
+    }
     /// Removes head `g`'s tokens at these indices (ascending, distinct, each < len(g)). The
     /// memory of evicted tokens is freed (or reused), and `bytes` drops accordingly.
     fn evict(&mut self, g: usize, idx: &[usize]) -> Result<()>;
