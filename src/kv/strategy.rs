@@ -246,9 +246,12 @@ impl StrategyLayer {
     ///
     /// Work is split into tasks of one KV head (with the query heads that share it), one chunk
     /// of queries and one segment of `SEGMENT_ROWS` held tokens, run in parallel, so that even
-    /// one decoded token over a few KV heads keeps every thread busy. A task reads its segment's
-    /// keys and then its values once through `Codec::for_each_decoded`, each decoded row serving
-    /// every query of the task (the query heads of a GQA group, the chunk's positions).
+    /// one decoded token over a few KV heads keeps every thread busy. A task with few queries (a
+    /// decoded token's query heads of one KV head) takes its scores and then its weighted values
+    /// straight from the stored form (`Codec::scores_direct`, `Codec::weighted_direct`); a task
+    /// of a prompt batch, or over a codec without those paths, decodes its segment's keys and
+    /// then its values in tiles of `TILE_ROWS` rows (`Codec::decode_rows`), each decoded row
+    /// serving every query of the task (the query heads of a GQA group, the chunk's positions).
     /// Between the two the softmax runs over each query's whole row of scores, segment after
     /// segment; afterwards the segments' partial outputs and masses are summed in task order.
     /// Tasks are cut by fixed sizes, so the result does not depend on the number of threads.
