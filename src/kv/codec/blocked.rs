@@ -523,63 +523,88 @@ impl Blocked {
         }
     }
 
-    /// See `Codec::scores_direct`.
-    pub(crate) fn scores_direct(&self, g: usize, qs: &[f32], rows: std::ops::Range<usize>, out: &mut [f32], stride: usize) -> bool {
+    /// Walks the rows `rows` of head `g` for the direct paths: calls `block(part, local rows,
+    /// column)` for each compressed block holding some of them (its keys' part, or its values'
+    /// when `value`), then `buffered(j, x_j)` for each of them in the f16 buffer. `None` where
+    /// the head does not exist or `n_q` is not a direct path's (0 or over [`MAX_DIRECT_QUERIES`]).
+    fn walk_direct(
+        &self,
+        g: usize,
+        value: bool,
+        n_q: usize,
+        rows: std::ops::Range<usize>,
+        mut block: impl FnMut(&Part, std::ops::Range<usize>, usize),
+        mut buffered: impl FnMut(usize, &[f32]),
+    ) -> Option<()> {
         let d = self.head_dim;
-        let Some(head) = self.heads.get(g) else { return false };
-        let n_q = qs.len() / d;
-        if n_q == 0 || n_q > MAX_DIRECT_QUERIES || qs.len() != n_q * d {
-            return false;
-        }
+        let head = self.heads.get(g).filter(|_| n_q > 0 && n_q <= MAX_DIRECT_QUERIES)?;
         let (lo, hi) = (rows.start, rows.end);
         let mut off = 0;
         for b in &head.blocks {
             if off < hi && off + b.n > lo {
                 let local = lo.saturating_sub(off)..(hi - off).min(b.n);
                 let at = off + local.start - lo;
-                b.k.scores_in(local, qs, d, &mut out[at..], stride);
+                block(if value { &b.v } else { &b.k }, local, at);
             }
             off += b.n;
         }
+        let buf = if value { &head.buf_v } else { &head.buf_k };
         let mut row = [0f32; MAX_HEAD_DIM];
-        for j in lo.max(off)..hi.min(off + head.buf_k.len() / d) {
-            head.buf_k[(j - off) * d..(j - off + 1) * d].convert_to_f32_slice(&mut row[..d]);
-            for (i, q) in qs.chunks_exact(d).enumerate() {
-                out[i * stride + j - lo] = dot(q, &row[..d]);
-            }
+        for j in lo.max(off)..hi.min(off + buf.len() / d) {
+            buf[(j - off) * d..(j - off + 1) * d].convert_to_f32_slice(&mut row[..d]);
+            buffered(j, &row[..d]);
         }
-        true
+        Some(())
+    }
+
+    /// See `Codec::scores_direct`.
+    pub(crate) fn scores_direct(&self, g: usize, qs: &[f32], rows: std::ops::Range<usize>, out: &mut [f32], stride: usize) -> bool {
+        let d = self.head_dim;
+        if !qs.len().is_multiple_of(d) {
+            return false;
+        }
+        let lo = rows.start;
+        let out = std::cell::RefCell::new(out);
+        self.walk_direct(
+            g,
+            false,
+            qs.len() / d,
+            rows,
+            |part, local, at| part.scores_in(local, qs, d, &mut out.borrow_mut()[at..], stride),
+            |j, x| {
+                for (i, q) in qs.chunks_exact(d).enumerate() {
+                    out.borrow_mut()[i * stride + j - lo] = dot(q, x);
+                }
+            },
+        )
+        .is_some()
     }
 
     /// See `Codec::weighted_direct`.
     pub(crate) fn weighted_direct(&self, g: usize, p: &[f32], stride: usize, rows: std::ops::Range<usize>, out: &mut [f32]) -> bool {
         let d = self.head_dim;
-        let Some(head) = self.heads.get(g) else { return false };
-        let n_q = out.len() / d;
-        if n_q == 0 || n_q > MAX_DIRECT_QUERIES || out.len() != n_q * d {
+        if !out.len().is_multiple_of(d) {
             return false;
         }
-        let (lo, hi) = (rows.start, rows.end);
-        let mut off = 0;
-        for b in &head.blocks {
-            if off < hi && off + b.n > lo {
-                let local = lo.saturating_sub(off)..(hi - off).min(b.n);
-                let at = off + local.start - lo;
-                b.v.weighted_in(local, &p[at..], stride, d, out);
-            }
-            off += b.n;
-        }
-        let mut row = [0f32; MAX_HEAD_DIM];
-        for j in lo.max(off)..hi.min(off + head.buf_v.len() / d) {
-            head.buf_v[(j - off) * d..(j - off + 1) * d].convert_to_f32_slice(&mut row[..d]);
-            for (i, o) in out.chunks_exact_mut(d).enumerate() {
-                let pj = p[i * stride + j - lo];
-                if pj != 0.0 {
-                    axpy(o, pj, &row[..d]);
+        let lo = rows.start;
+        let n_q = out.len() / d;
+        let out = std::cell::RefCell::new(out);
+        self.walk_direct(
+            g,
+            true,
+            n_q,
+            rows,
+            |part, local, at| part.weighted_in(local, &p[at..], stride, d, &mut out.borrow_mut()),
+            |j, x| {
+                for (i, o) in out.borrow_mut().chunks_exact_mut(d).enumerate() {
+                    let pj = p[i * stride + j - lo];
+                    if pj != 0.0 {
+                        axpy(o, pj, x);
+                    }
                 }
-            }
-        }
-        true
+            },
+        )
+        .is_some()
     }
 
     pub(crate) fn for_each_decoded(&self, g: usize, value: bool, rows: std::ops::Range<usize>, f: &mut dyn FnMut(usize, &[f32])) {
