@@ -343,12 +343,7 @@ impl SrcTensor {
     /// ever touched again, and the resident memory stays at about one tensor.
     fn release(&self) {
         if let SrcData::Mapped { storage, offset, n_bytes } = &self.data {
-            if let Storage::Mmap(m) = storage.as_ref() {
-                // SAFETY: DONTNEED on a read-only file mapping discards no data; the pages are
-                // read back from the unchanged file on the next access. Failure only means the
-                // pages stay resident, so the result is ignored.
-                let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *offset, *n_bytes) };
-            }
+            storage.release(*offset, *n_bytes);
         }
     }
 }

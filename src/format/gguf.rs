@@ -283,6 +283,19 @@ pub enum Storage {
     Owned(Vec<u8>),
 }
 
+impl Storage {
+    /// Drops the pages of `offset..offset + n_bytes` of a memory-mapped file from the resident
+    /// set (owned bytes are kept): the map is read-only and private, so the pages are read back
+    /// from the unchanged file if they are touched again.
+    pub fn release(&self, offset: usize, n_bytes: usize) {
+        if let Storage::Mmap(m) = self {
+            // SAFETY: DONTNEED on a read-only file mapping discards no data: the pages come back
+            // unchanged from the file on the next access. A failure only leaves them resident.
+            let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, n_bytes) };
+        }
+    }
+}
+
 impl std::ops::Deref for Storage {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -104,11 +104,7 @@ impl Tensor {
     /// holds its own copy: the map is read-only and private, so the pages are read back from the
     /// file if they are touched again. Owned bytes are kept.
     pub fn release_pages(&self) {
-        if let Storage::Mmap(m) = self.storage.as_ref() {
-            // SAFETY: DONTNEED on a read-only file mapping discards no data: the pages come back
-            // unchanged from the file on the next access. A failure only leaves them resident.
-            let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.offset, self.n_bytes) };
-        }
+        self.storage.release(self.offset, self.n_bytes);
     }
 
     /// Whether both tensors view the same bytes (tied embeddings).

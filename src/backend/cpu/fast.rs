@@ -867,7 +867,7 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 
 /// A raw output pointer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
@@ -885,7 +885,7 @@ const ROWS_PER_TASK: usize = 16;
 const PARALLEL_QUANTIZE_TOKENS: usize = 8;
 
 thread_local! {
-    static Q8_SCRATCH: RefCell<Vec<Q8Row>> = const { RefCell::new(Vec::new()) };
+    pub(crate) static Q8_SCRATCH: RefCell<Vec<Q8Row>> = const { RefCell::new(Vec::new()) };
 }
 
 thread_local! {
@@ -972,6 +972,22 @@ fn matmul_q4_0(w: &Tensor, x: &[f32], n_tokens: usize, rows_per_task: usize, out
     });
 }
 
+/// Quantizes the `n_tokens` activation rows of `x` (`n_cols` wide) into the first `n_tokens` of
+/// `q` (grown as needed), in parallel from `PARALLEL_QUANTIZE_TOKENS` tokens on.
+pub(crate) fn quantize_tokens<'a>(x: &[f32], n_tokens: usize, n_cols: usize, q: &'a mut Vec<Q8Row>) -> &'a [Q8Row] {
+    if q.len() < n_tokens {
+        q.resize_with(n_tokens, Q8Row::default);
+    }
+    if n_tokens < PARALLEL_QUANTIZE_TOKENS {
+        for (t, r) in q[..n_tokens].iter_mut().enumerate() {
+            quantize_q8(&x[t * n_cols..(t + 1) * n_cols], r);
+        }
+    } else {
+        pool::for_each_mut(&mut q[..n_tokens], |t, r| quantize_q8(&x[t * n_cols..(t + 1) * n_cols], r));
+    }
+    &q[..n_tokens]
+}
+
 /// `out[t, r] = sum_c w[r, c] * x[t, c]` (see the module comment for the numerics).
 pub fn matmul(w: &Tensor, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Result<()> {
     let (n_cols, n_rows) = (w.n_cols, w.n_rows);
@@ -1013,17 +1029,7 @@ pub fn matmul(w: &Tensor, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Result
         };
         Q8_SCRATCH.with(|cell| {
             let mut qrows = cell.borrow_mut();
-            if qrows.len() < n_tokens {
-                qrows.resize_with(n_tokens, Q8Row::default);
-            }
-            if n_tokens < PARALLEL_QUANTIZE_TOKENS {
-                for (t, q) in qrows[..n_tokens].iter_mut().enumerate() {
-                    quantize_q8(&x[t * n_cols..(t + 1) * n_cols], q);
-                }
-            } else {
-                pool::for_each_mut(&mut qrows[..n_tokens], |t, q| quantize_q8(&x[t * n_cols..(t + 1) * n_cols], q));
-            }
-            let qrows = &qrows[..n_tokens];
+            let qrows = quantize_tokens(x, n_tokens, n_cols, &mut qrows);
             pool::for_each(n_tasks, |task| {
                 let outp = outp;
                 let r1 = ((task + 1) * rows_per_task).min(n_rows);

@@ -45,13 +45,6 @@ pub struct CpuWeight {
     pub packed: Option<packed::PackedQ4_0>,
 }
 
-impl CpuWeight {
-    /// Bytes of weights this holds in memory for its matmul.
-    pub fn n_bytes(&self) -> usize {
-        self.packed.as_ref().map_or(self.tensor.n_bytes(), |p| p.n_bytes())
-    }
-}
-
 fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
     if have < need {
         bail!("{what}: buffer of {have} values, the op needs {need}");

@@ -19,12 +19,10 @@
 //! memory-mapped Q4_0 matrix at load when AVX-512 VNNI is present and drops the mapped pages of
 //! the original.
 
-use std::cell::RefCell;
-
 use anyhow::{bail, Result};
 use half::f16;
 
-use crate::backend::cpu::fast::{self, quantize_q8, Q8Row, Simd};
+use crate::backend::cpu::fast::{self, quantize_tokens, OutPtr, Q8Row, Simd, Q8_SCRATCH};
 use crate::backend::cpu::pool;
 use crate::format::quant::GgmlType;
 use crate::model::weights::Tensor;
@@ -191,16 +189,6 @@ fn dot16(group: &[u8], xs: &[&Q8Row], out: &mut [[f32; ROWS]]) {
     dot16_scalar(group, xs, out);
 }
 
-thread_local! {
-    static Q8: RefCell<Vec<Q8Row>> = const { RefCell::new(Vec::new()) };
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint (token, row) ranges of the output through it.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// `out[t, r] = sum_c w[r, c] * x[t, c]` over the repacked matrix, activations quantized to int8
 /// blocks as [`fast::matmul`] quantizes them.
 pub fn matmul(w: &PackedQ4_0, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Result<()> {
@@ -210,19 +198,9 @@ pub fn matmul(w: &PackedQ4_0, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Re
     }
     let n_groups = n_rows / ROWS;
     let outp = OutPtr(out.as_mut_ptr());
-    Q8.with(|cell| {
+    Q8_SCRATCH.with(|cell| {
         let mut q = cell.borrow_mut();
-        if q.len() < n_tokens {
-            q.resize_with(n_tokens, Q8Row::default);
-        }
-        if n_tokens < 8 {
-            for (t, r) in q[..n_tokens].iter_mut().enumerate() {
-                quantize_q8(&x[t * n_cols..(t + 1) * n_cols], r);
-            }
-        } else {
-            pool::for_each_mut(&mut q[..n_tokens], |t, r| quantize_q8(&x[t * n_cols..(t + 1) * n_cols], r));
-        }
-        let q = &q[..n_tokens];
+        let q = quantize_tokens(x, n_tokens, n_cols, &mut q);
         // Decoding reads the weights once: each thread takes one contiguous share of the groups,
         // one stream for the prefetchers. Prefill reuses a task's groups from cache for every
         // token tile.
