@@ -14,14 +14,20 @@
 //     values: codes q = rint(x * (127 / amax)) (int8, [n_tokens, n_cols]) and a KvQ8Sum {d =
 //     f16(amax / 127), sum of q} per 32 ([n_tokens, n_cols / 32]); the CPU fast backend's
 //     quantize_q8. One __syncthreads, none in the main loop.
-//   - Block: KV_GEMV_Q8_WARPS warps; warp w owns KV_GEMV_Q8_ROWS_PER_WARP consecutive rows. A
-//     row is cut into lane units (LU): one block for the 32-element types, a quarter super-block
-//     (two 32-element sub-blocks) for the K-quants, so a 4096-column row gives every lane work.
+//   - Grid: at most the blocks the device holds at once (the wrapper asks the occupancy API);
+//     block b takes row groups b, b + gridDim.x, ..., so x is quantized once per block.
+//   - Block: KV_GEMV_Q8_WARPS warps; warp w owns KV_GEMV_Q8_ROWS_PER_WARP consecutive rows of a
+//     row group. A row is cut into lane units (LU): one block for the 32-element types, a
+//     quarter super-block (two 32-element sub-blocks) for the K-quants, so a 4096-column row
+//     gives every lane work.
 //     Lane l takes LUs l, l + 32, ...; per step it issues the loads of Q8Gemv<T>::unroll LUs for
 //     each of its warp's rows (all independent, straight into registers: 16-byte loads where the
 //     block is 16-byte aligned (q4_K, q5_K), 8-byte for q5_1, 4-byte otherwise, funnel-shifted
-//     for the 2-byte aligned types), then dots each LU with x: nibbles/bits unpacked to bytes,
-//     __dp4a against the int8 codes (two 16-byte shared loads per 32 values), the integer sum
+//     for the 2-byte aligned types), then dots each LU with x. The loads run one step ahead:
+//     the first step's are issued before the prologue, each next step's before this step's dots,
+//     so the weights stream while x is quantized and while the lanes compute. In the dot:
+//     nibbles/bits unpacked to bytes, __dp4a against the int8 codes (two 16-byte shared loads
+//     per 32 values), the integer sum
 //     scaled by the weight's and x's scales in f32 (the offset of q4_0 / q5_0 through x's code
 //     sum, the minimum of q4_1 / q5_1 / K-quants through d * sum). f32 per-lane sums, one
 //     warp_sum per (row, token).
@@ -768,63 +774,99 @@ __device__ __forceinline__ void gemv_q8(const uint8_t* __restrict__ w, const flo
     const uint32_t nb = p.n_cols / KV_UNIT_ELEMS;
     int8_t* xq = reinterpret_cast<int8_t*>(gemv_smem);
     KvQ8Sum* xs = reinterpret_cast<KvQ8Sum*>(gemv_smem + static_cast<size_t>(n_tokens) * p.n_cols);
-    quantize_x_q8(x, p.n_cols, n_tokens, xq, xs);
-    __syncthreads();
 
     const int lane = threadIdx.x % kWarpSize;
     const int warp = threadIdx.x / kWarpSize;
-    const uint32_t row0 = (blockIdx.x * KV_GEMV_Q8_WARPS + warp) * R;
-    if (row0 >= p.n_rows) {
-        return;
-    }
-    // Rows past the end read row0 again (always in bounds) and are never written.
-    const uint8_t* rows[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        rows[r] = w + static_cast<size_t>(row0 + r < p.n_rows ? row0 + r : row0) * p.row_bytes;
-    }
     const uint32_t n_lu = nb / F::lu_units;
-    float acc[R][NT];
+    constexpr uint32_t STEP = U * kWarpSize;
+    // Row group g (KV_GEMV_Q8_WARPS * R rows) is block g's, then block g + gridDim.x's, ...: the
+    // grid is at most what the device holds at once, so x is quantized once per resident block.
+    auto first_row = [&](uint32_t g) -> uint32_t { return (g * KV_GEMV_Q8_WARPS + warp) * R; };
+    // Rows past the end read row0 again (always in bounds) and are never written.
+    auto set_rows = [&](uint32_t r0, const uint8_t* (&rows)[R]) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int t = 0; t < NT; ++t) acc[r][t] = 0.0f;
-    }
-    for (uint32_t base = 0; base < n_lu; base += U * kWarpSize) {
-        // All loads of this step are issued before any is used; an LU past the row's end loads
-        // the row's last LU again (in bounds, discarded).
-        typename F::Loaded ld[U][R];
+        for (int r = 0; r < R; ++r) rows[r] = w + static_cast<size_t>(r0 + r < p.n_rows ? r0 + r : r0) * p.row_bytes;
+    };
+    // The loads of one step: LU base + u * 32 + lane of each row; an LU past the row's end loads
+    // the row's last LU again (in bounds, discarded).
+    auto load_step = [&](const uint8_t* const (&rows)[R], uint32_t base, typename F::Loaded (&ld)[U][R]) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const uint32_t lu = min(base + u * kWarpSize + lane, n_lu - 1);
 #pragma unroll
             for (int r = 0; r < R; ++r) F::load(rows[r], lu, ld[u][r]);
         }
+    };
+    // The first step's weights are requested before x is quantized, so their latency overlaps
+    // the prologue; every later step's loads (the next group's first step after a group's last)
+    // are issued before the current step's dot products.
+    uint32_t group = blockIdx.x;
+    uint32_t row0 = first_row(group);
+    const uint8_t* rows[R];
+    set_rows(row0 < p.n_rows ? row0 : 0, rows);
+    typename F::Loaded cur[U][R];
+    if (row0 < p.n_rows) {
+        load_step(rows, 0, cur);
+    }
+    quantize_x_q8(x, p.n_cols, n_tokens, xq, xs);
+    __syncthreads();
+    while (row0 < p.n_rows) {
+        const uint32_t next_group = group + gridDim.x;
+        const uint32_t next_row0 = first_row(next_group);
+        const bool has_next = next_row0 < p.n_rows;
+        const uint8_t* next_rows[R];
+        set_rows(has_next ? next_row0 : row0, next_rows);
+        float acc[R][NT];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const uint32_t lu = base + u * kWarpSize + lane;
-            if (lu < n_lu) {
+        for (int r = 0; r < R; ++r) {
 #pragma unroll
-                for (int t = 0; t < NT; ++t) {
-                    if (t < static_cast<int>(n_tokens)) {
+            for (int t = 0; t < NT; ++t) acc[r][t] = 0.0f;
+        }
+        for (uint32_t base = 0; base < n_lu; base += STEP) {
+            const bool more = base + STEP < n_lu;
+            typename F::Loaded next[U][R];
+            if (more) {
+                load_step(rows, base + STEP, next);
+            } else if (has_next) {
+                load_step(next_rows, 0, next);
+            }
 #pragma unroll
-                        for (int r = 0; r < R; ++r) {
-                            acc[r][t] += F::dot(ld[u][r], xq + static_cast<size_t>(t) * p.n_cols, xs + static_cast<size_t>(t) * nb, lu);
+            for (int u = 0; u < U; ++u) {
+                const uint32_t lu = base + u * kWarpSize + lane;
+                if (lu < n_lu) {
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) {
+                        if (t < static_cast<int>(n_tokens)) {
+#pragma unroll
+                            for (int r = 0; r < R; ++r) {
+                                acc[r][t] += F::dot(cur[u][r], xq + static_cast<size_t>(t) * p.n_cols, xs + static_cast<size_t>(t) * nb, lu);
+                            }
                         }
                     }
                 }
             }
-        }
-    }
+            if (more || has_next) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
+                for (int u = 0; u < U; ++u) {
 #pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            const float s = warp_sum(acc[r][t]);
-            if (lane == 0 && row0 + r < p.n_rows && t < static_cast<int>(n_tokens)) {
-                y[static_cast<size_t>(t) * p.n_rows + row0 + r] = s;
+                    for (int r = 0; r < R; ++r) cur[u][r] = next[u][r];
+                }
             }
         }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+                const float s = warp_sum(acc[r][t]);
+                if (lane == 0 && row0 + r < p.n_rows && t < static_cast<int>(n_tokens)) {
+                    y[static_cast<size_t>(t) * p.n_rows + row0 + r] = s;
+                }
+            }
+        }
+        group = next_group;
+        row0 = next_row0;
+#pragma unroll
+        for (int r = 0; r < R; ++r) rows[r] = next_rows[r];
     }
 }
 

@@ -137,6 +137,9 @@ pub struct CudaRuntime {
     multiprocessors: usize,
     /// Dynamic shared memory one block of the integer GEMV may use (the device's opt-in limit).
     gemv_smem_max_bytes: usize,
+    /// Blocks of an integer GEMV kernel the whole device holds at once, by (type id, wide
+    /// variant, dynamic shared memory): the occupancy API's figure times the multiprocessors.
+    gemv_resident: Mutex<HashMap<(u32, bool, usize), usize>>,
     scratch: Mutex<ScratchPool>,
 }
 
@@ -241,8 +244,24 @@ impl CudaRuntime {
             model,
             multiprocessors,
             gemv_smem_max_bytes: gemv_smem_max_bytes as usize,
+            gemv_resident: Mutex::new(HashMap::new()),
             scratch: Mutex::new(ScratchPool::default()),
         })
+    }
+
+    /// Blocks of `f` (`threads` per block, `smem` bytes of dynamic shared memory) resident on the
+    /// whole device at once, at least 1; asked of the driver once per `key`.
+    pub(crate) fn resident_blocks(&self, key: (u32, bool, usize), f: &CudaFunction, threads: u32, smem: usize) -> Result<usize> {
+        let mut cache = self.gemv_resident.lock().map_err(|_| anyhow!("the occupancy cache lock is poisoned"))?;
+        if let Some(&n) = cache.get(&key) {
+            return Ok(n);
+        }
+        let per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
+            .map_err(|e| anyhow!("querying the occupancy of a GEMV kernel: {e}"))? as usize;
+        let n = per_sm.max(1) * self.multiprocessors;
+        cache.insert(key, n);
+        Ok(n)
     }
 
     /// Runs `f` with the shared f32 scratch grown to at least `len` elements.

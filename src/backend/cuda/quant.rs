@@ -212,12 +212,21 @@ impl CudaRuntime {
             while t0 < n_tokens {
                 let n = (n_tokens - t0).min(group);
                 let p = params(n)?;
-                let cfg = LaunchConfig {
-                    grid_dim: (w.n_rows.div_ceil(rows_per_block) as u32, 1, 1),
-                    block_dim: (warps * 32, 1, 1),
-                    shared_mem_bytes: if integer { to_u32(k, "shared memory", gemv_q8_smem_bytes(w.n_cols, n))? } else { 0 },
-                };
                 let func = if n == 1 { t1 } else { t4 };
+                let groups = w.n_rows.div_ceil(rows_per_block);
+                let (blocks, smem) = if integer {
+                    // The integer GEMV's blocks loop over row groups: no more blocks than the
+                    // device holds at once, so each quantizes x once.
+                    let smem = gemv_q8_smem_bytes(w.n_cols, n);
+                    (groups.min(self.resident_blocks((w.ty.id(), n > 1, smem), func, warps * 32, smem)?), smem)
+                } else {
+                    (groups, 0)
+                };
+                let cfg = LaunchConfig {
+                    grid_dim: (to_u32(k, "blocks", blocks)?, 1, 1),
+                    block_dim: (warps * 32, 1, 1),
+                    shared_mem_bytes: to_u32(k, "shared memory", smem)?,
+                };
                 let xt = xp + (t0 * w.n_cols * 4) as u64;
                 let ot = op + (t0 * w.n_rows * 4) as u64;
                 let mut launch = stream.launch_builder(func);
