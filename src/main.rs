@@ -145,6 +145,16 @@ enum Cmd {
         /// (greedy tokens, teacher-forced top-1) for each KV strategy with a CUDA codec.
         #[arg(long)]
         model: Option<PathBuf>,
+        /// With --model: take the prompts from this reference file (llama.cpp's greedy outputs,
+        /// `shared/reference/greedy.json`) instead of random tokens: greedy over each prompt for
+        /// its `n_predict` tokens, teacher forcing over the prompts and continuations.
+        #[arg(long, requires = "model")]
+        reference: Option<PathBuf>,
+        /// With --model: run the agreement checks with the CPU reference backend in CUDA's
+        /// place (no GPU needed): how far two correct implementations part, the yardstick for
+        /// CUDA's figures. Always exits 0.
+        #[arg(long, requires = "model")]
+        cpu_baseline: bool,
     },
 }
 
@@ -264,8 +274,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", f.display());
             }
         }),
-        Cmd::Selftest { seed, bench, csv, iters, model } => {
-            let opts = kvgear::backend::cuda::selftest::Options { seed, bench, csv, iters, model };
+        Cmd::Selftest { seed, bench, csv, iters, model, reference, cpu_baseline } => {
+            let opts = kvgear::backend::cuda::selftest::Options { seed, bench, csv, iters, model, reference, cpu_baseline };
             return kvgear::backend::cuda::selftest::command(&opts);
         }
     };

@@ -142,6 +142,11 @@ pub struct Options {
     /// Check whole-model agreement of CUDA with the CPU fast backend on this model file
     /// (`selftest_agree`) instead of the kernel checks.
     pub model: Option<PathBuf>,
+    /// With `model`: the reference prompts (llama.cpp's greedy outputs) instead of random ones.
+    pub reference: Option<PathBuf>,
+    /// With `model`: run the agreement checks with the CPU reference backend in CUDA's place
+    /// (no GPU needed), the spread between two correct implementations.
+    pub cpu_baseline: bool,
 }
 
 impl Default for Options {
@@ -152,6 +157,8 @@ impl Default for Options {
             csv: None,
             iters: 50,
             model: None,
+            reference: None,
+            cpu_baseline: false,
         }
     }
 }
@@ -167,6 +174,16 @@ pub fn command(opts: &Options) -> Result<ExitCode> {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
     });
+    if let (true, Some(path)) = (opts.cpu_baseline, &opts.model) {
+        println!("CPU baseline: the CPU reference backend checked against the CPU fast backend");
+        let lines = super::selftest_agree::run_cpu_baseline(path, opts.reference.as_deref(), seed)?;
+        for l in &lines {
+            println!("{l}");
+        }
+        let failed = lines.iter().filter(|l| !l.pass).count();
+        println!("{failed} of {} baseline checks outside the CUDA criteria (seed {seed})", lines.len());
+        return Ok(ExitCode::SUCCESS);
+    }
     let rt = match open(0) {
         Ok(rt) => rt,
         Err(e) if e.is::<Skipped>() => {
@@ -200,7 +217,7 @@ pub fn command(opts: &Options) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let lines = match &opts.model {
-        Some(path) => super::selftest_agree::run(rt.context().ordinal(), path, seed)?,
+        Some(path) => super::selftest_agree::run(rt.context().ordinal(), path, opts.reference.as_deref(), seed)?,
         None => run_on(&rt, seed)?,
     };
     for l in &lines {
@@ -979,6 +996,49 @@ pub(super) fn time(
             start
                 .elapsed_ms(&end)
                 .map_err(|e| anyhow!("reading a CUDA event timer: {e}"))? as f64,
+        );
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok((ms[ms.len() / 2], ms[0]))
+}
+
+/// (median, min) in milliseconds per launch of `iters` samples, each `reps` launches back to back
+/// between one pair of events: `launch(i)` for i = 0.. (the caller rotates its inputs by i, so
+/// that buffers larger together than the L2 cache are read from device memory). This is the
+/// kernel's own time with the launch gaps of a busy stream, as a decode step's chain of kernels
+/// sees it; `time` gives one launch alone, latency included.
+pub(super) fn time_stream(
+    rt: &CudaRuntime,
+    iters: usize,
+    reps: usize,
+    mut launch: impl FnMut(usize) -> Result<()>,
+) -> Result<(f64, f64)> {
+    let reps = reps.max(1);
+    for i in 0..BENCH_WARMUP.max(reps) {
+        launch(i)?;
+    }
+    rt.synchronize()?;
+    let ctx = rt.context();
+    let event = || {
+        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| anyhow!("creating a CUDA event: {e}"))
+    };
+    let (start, end) = (event()?, event()?);
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        start
+            .record(rt.stream())
+            .map_err(|e| anyhow!("recording a CUDA event: {e}"))?;
+        for i in 0..reps {
+            launch(i)?;
+        }
+        end.record(rt.stream())
+            .map_err(|e| anyhow!("recording a CUDA event: {e}"))?;
+        ms.push(
+            start
+                .elapsed_ms(&end)
+                .map_err(|e| anyhow!("reading a CUDA event timer: {e}"))? as f64
+                / reps as f64,
         );
     }
     ms.sort_by(f64::total_cmp);

@@ -14,6 +14,11 @@
 //!
 //! Synthetic models (random weights) have nearly flat logits, so ties are common there: that is
 //! why margins are reported and ties excluded, not tolerated silently.
+//!
+//! With a reference file (`--reference shared/reference/greedy.json`, llama.cpp's greedy
+//! continuations of the default model), the prompts are its prompts instead of random tokens:
+//! greedy decoding runs each for its `n_predict` tokens, and also reports whether CUDA's text is
+//! llama.cpp's; teacher forcing runs over the text of the prompts and their continuations.
 
 use std::path::Path;
 
@@ -83,11 +88,12 @@ impl<'a, B: Backend> Runner<'a, B> {
         Session::with_strategy(self.b, &self.model.config, &self.dw, n_ctx, 64, spec)
     }
 
-    /// Greedy decoding: the logits of the prompt's last token and of each decoded token.
-    fn greedy(&self, spec: &StrategySpec, prompt: &[u32]) -> Result<Vec<Vec<f32>>> {
-        let mut s = self.session(spec, prompt.len() + GREEDY_TOKENS + 1)?;
+    /// Greedy decoding of `n` tokens: the logits of the prompt's last token and of each decoded
+    /// token.
+    fn greedy(&self, spec: &StrategySpec, prompt: &[u32], n: usize) -> Result<Vec<Vec<f32>>> {
+        let mut s = self.session(spec, prompt.len() + n + 1)?;
         let mut rows = vec![s.forward(prompt, Logits::Last)?.to_vec()];
-        for _ in 0..GREEDY_TOKENS {
+        for _ in 0..n {
             let next = crate::sample::greedy(rows.last().expect("one row at least"));
             rows.push(s.forward(&[next], Logits::Last)?.to_vec());
         }
@@ -122,31 +128,92 @@ fn error_line(kernel: &'static str, shape: String, e: anyhow::Error, seed: u64) 
     line(kernel, shape, f64::NAN, f64::NAN, 0, Some(format!("{e:#}")), seed)
 }
 
-/// Runs the greedy and teacher-forced checks of `path` for every strategy; one line each.
-pub fn run(ordinal: usize, path: &Path, seed: u64) -> Result<Vec<SelftestLine>> {
-    let model = Model::load(path).with_context(|| format!("loading {}", path.display()))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let n_vocab = model.config.n_vocab as u64;
-    let mut rng = SplitMix64(seed ^ 0xa9ee);
-    let mut tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % n_vocab) as u32).collect() };
-    let prompts: Vec<Vec<u32>> = (0..GREEDY_PROMPTS).map(|_| tokens(GREEDY_PROMPT_TOKENS)).collect();
-    let forced_prompt = tokens(FORCED_PROMPT_TOKENS);
-    let forced = tokens(FORCED_TOKENS);
+/// The reference prompts: (prompt, tokens to decode, llama.cpp's continuation).
+fn reference_cases(path: &Path) -> Result<Vec<(String, usize, String)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {} as JSON", path.display()))?;
+    let cases = v["cases"].as_array().with_context(|| format!("{}: no \"cases\" array", path.display()))?;
+    let mut out = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let field = |k: &str| c[k].as_str().map(str::to_owned).with_context(|| format!("{}: case {i} has no string {k:?}", path.display()));
+        let n = c["n_predict"].as_u64().with_context(|| format!("{}: case {i} has no n_predict", path.display()))?;
+        out.push((field("prompt")?, n as usize, field("continuation")?));
+    }
+    if out.is_empty() {
+        anyhow::bail!("{}: no cases", path.display());
+    }
+    Ok(out)
+}
 
-    let cpu = Cpu::fast();
-    let cuda = Cuda::new(ordinal)?;
-    let on_cpu = Runner::new(&cpu, &model)?;
-    let on_cuda = Runner::new(&cuda, &model)?;
+/// What the checks run over: greedy prompts with their token counts (and llama.cpp's text when
+/// they come from a reference file), and the teacher-forced prompt and tokens.
+struct Inputs {
+    greedy: Vec<(Vec<u32>, usize, Option<String>)>,
+    forced_prompt: Vec<u32>,
+    forced: Vec<u32>,
+}
+
+fn inputs(model: &Model, reference: Option<&Path>, seed: u64) -> Result<Inputs> {
+    let Some(path) = reference else {
+        let n_vocab = model.config.n_vocab as u64;
+        let mut rng = SplitMix64(seed ^ 0xa9ee);
+        let mut tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % n_vocab) as u32).collect() };
+        let greedy = (0..GREEDY_PROMPTS).map(|_| (tokens(GREEDY_PROMPT_TOKENS), GREEDY_TOKENS, None)).collect();
+        let forced_prompt = tokens(FORCED_PROMPT_TOKENS);
+        return Ok(Inputs { greedy, forced_prompt, forced: tokens(FORCED_TOKENS) });
+    };
+    let cases = reference_cases(path)?;
+    let mut greedy = Vec::new();
+    let mut text = String::new();
+    for (prompt, n, continuation) in cases {
+        greedy.push((model.tokenizer.encode(&prompt, true)?, n, Some(continuation.clone())));
+        text.push_str(&prompt);
+        text.push_str(&continuation);
+        text.push_str("\n\n");
+    }
+    let all = model.tokenizer.encode(&text, true)?;
+    if all.len() <= FORCED_PROMPT_TOKENS {
+        anyhow::bail!("{}: {} tokens of text, too few for teacher forcing", path.display(), all.len());
+    }
+    let end = all.len().min(FORCED_PROMPT_TOKENS + FORCED_TOKENS);
+    Ok(Inputs { forced_prompt: all[..FORCED_PROMPT_TOKENS].to_vec(), forced: all[FORCED_PROMPT_TOKENS..end].to_vec(), greedy })
+}
+
+/// Runs the greedy and teacher-forced checks of `path` for every strategy, CUDA against the CPU
+/// fast backend; one line each.
+pub fn run(ordinal: usize, path: &Path, reference: Option<&Path>, seed: u64) -> Result<Vec<SelftestLine>> {
+    let model = Model::load(path).with_context(|| format!("loading {}", path.display()))?;
+    compare(&Cpu::fast(), &Cuda::new(ordinal)?, &model, path, reference, seed)
+}
+
+/// The same checks with the CPU reference backend in CUDA's place: how far two correct
+/// implementations of the model part (the reference computes in f32/f64 without 8-bit
+/// activations or f16 attention), the yardstick for CUDA's figures. Needs no GPU.
+pub fn run_cpu_baseline(path: &Path, reference: Option<&Path>, seed: u64) -> Result<Vec<SelftestLine>> {
+    let model = Model::load(path).with_context(|| format!("loading {}", path.display()))?;
+    compare(&Cpu::fast(), &Cpu::reference(), &model, path, reference, seed)
+}
+
+/// The greedy and teacher-forced checks of backend `b` against `a` (the oracle) for every
+/// strategy in [`AGREE_STRATEGIES`].
+pub fn compare<A: Backend, B: Backend>(a: &A, b: &B, model: &Model, path: &Path, reference: Option<&Path>, seed: u64) -> Result<Vec<SelftestLine>> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let inp = inputs(model, reference, seed)?;
+    let (n_prompts, n_forced) = (inp.greedy.len(), inp.forced.len());
+    let n_greedy = inp.greedy.iter().map(|g| g.1).max().unwrap_or(0);
+    let what = if reference.is_some() { "reference" } else { "random" };
+    let on_a = Runner::new(a, model)?;
+    let on_b = Runner::new(b, model)?;
     let mut lines = Vec::new();
     for &strategy in AGREE_STRATEGIES {
         let spec = StrategySpec::parse(strategy, &[], seed)?;
-        let shape = format!("{name} {strategy}, greedy {GREEDY_PROMPTS} prompts x {GREEDY_TOKENS} tokens");
-        lines.push(match greedy_case(&on_cpu, &on_cuda, &spec, &prompts) {
+        let shape = format!("{name} {strategy}, greedy {n_prompts} {what} prompts x {n_greedy} tokens");
+        lines.push(match greedy_case(&on_a, &on_b, &spec, &inp.greedy, model) {
             Ok((summary, max_abs, max_rel, bad, problem)) => line("model_greedy", format!("{shape}: {summary}"), max_abs, max_rel, bad, problem, seed),
             Err(e) => error_line("model_greedy", shape, e, seed),
         });
-        let shape = format!("{name} {strategy}, {FORCED_PROMPT_TOKENS} prompt + {FORCED_TOKENS} forced tokens");
-        lines.push(match forced_case(&on_cpu, &on_cuda, &spec, &forced_prompt, &forced) {
+        let shape = format!("{name} {strategy}, {FORCED_PROMPT_TOKENS} prompt + {n_forced} forced {what} tokens");
+        lines.push(match forced_case(&on_a, &on_b, &spec, &inp.forced_prompt, &inp.forced) {
             Ok((summary, max_abs, max_rel, bad, problem)) => line("model_top1", format!("{shape}: {summary}"), max_abs, max_rel, bad, problem, seed),
             Err(e) => error_line("model_top1", shape, e, seed),
         });
@@ -156,14 +223,29 @@ pub fn run(ordinal: usize, path: &Path, seed: u64) -> Result<Vec<SelftestLine>> 
 
 type CaseResult = (String, f64, f64, usize, Option<String>);
 
-fn greedy_case(cpu: &Runner<Cpu>, cuda: &Runner<Cuda>, spec: &StrategySpec, prompts: &[Vec<u32>]) -> Result<CaseResult> {
+/// Greedy decoding on both backends from each prompt. With llama.cpp's text beside a prompt
+/// (fp16 only: the other strategies change the output), the summary also counts the prompts whose
+/// CUDA text is llama.cpp's; that count is information, the pass criterion is CUDA against CPU.
+fn greedy_case<A: Backend, B: Backend>(
+    cpu: &Runner<A>,
+    cuda: &Runner<B>,
+    spec: &StrategySpec,
+    prompts: &[(Vec<u32>, usize, Option<String>)],
+    model: &Model,
+) -> Result<CaseResult> {
     let (mut max_abs, mut max_rel) = (0.0f64, 0.0f64);
     let (mut equal, mut ties, mut bad) = (0usize, 0usize, 0usize);
+    let (mut llama_same, mut llama_total) = (0usize, 0usize);
     let mut min_margin = f64::INFINITY;
     let mut problem = None;
-    for (p, prompt) in prompts.iter().enumerate() {
-        let want = cpu.greedy(spec, prompt)?;
-        let got = cuda.greedy(spec, prompt)?;
+    for (p, (prompt, n, llama)) in prompts.iter().enumerate() {
+        let want = cpu.greedy(spec, prompt, *n)?;
+        let got = cuda.greedy(spec, prompt, *n)?;
+        if let (Some(llama), true) = (llama, spec.is_plain()) {
+            let ids: Vec<u32> = got[..*n].iter().map(|r| crate::sample::greedy(r)).collect();
+            llama_total += 1;
+            llama_same += usize::from(model.tokenizer.decode(&ids)? == *llama);
+        }
         for (i, (w, g)) in want.iter().zip(&got).enumerate() {
             let (margin, scale) = margin_and_scale(w);
             let err = max_diff(w, g);
@@ -185,11 +267,14 @@ fn greedy_case(cpu: &Runner<Cpu>, cuda: &Runner<Cuda>, spec: &StrategySpec, prom
             break;
         }
     }
-    let summary = format!("{equal} equal tokens, {ties} tie(s), {bad} different; smallest CPU margin {min_margin:.1e} of scale");
+    let mut summary = format!("{equal} equal tokens, {ties} tie(s), {bad} different; smallest CPU margin {min_margin:.1e} of scale");
+    if llama_total > 0 {
+        summary.push_str(&format!("; CUDA text equals llama.cpp's for {llama_same} of {llama_total} prompts"));
+    }
     Ok((summary, max_abs, max_rel, bad, problem))
 }
 
-fn forced_case(cpu: &Runner<Cpu>, cuda: &Runner<Cuda>, spec: &StrategySpec, prompt: &[u32], forced: &[u32]) -> Result<CaseResult> {
+fn forced_case<A: Backend, B: Backend>(cpu: &Runner<A>, cuda: &Runner<B>, spec: &StrategySpec, prompt: &[u32], forced: &[u32]) -> Result<CaseResult> {
     let want = cpu.forced(spec, prompt, forced)?;
     let got = cuda.forced(spec, prompt, forced)?;
     let (mut max_abs, mut max_rel) = (0.0f64, 0.0f64);

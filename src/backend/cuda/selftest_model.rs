@@ -11,7 +11,7 @@ use super::backend::Cuda;
 use super::kv::DeviceCodec;
 use super::kv_fp16::Fp16DeviceCodec;
 use super::quant::{gemv_is_integer, q8_roundtrip, MatmulKernel};
-use super::selftest::{bench_line, compare, time, BenchLine, Outcome, SplitMix64, Tester, Tolerance};
+use super::selftest::{bench_line, compare, time, time_stream, BenchLine, Outcome, SplitMix64, Tester, Tolerance};
 use super::CudaRuntime;
 use crate::backend::cpu::{reference, Cpu};
 use crate::backend::Backend;
@@ -390,8 +390,13 @@ fn model_case(t: &mut Tester, strategy: &str) -> Result<Outcome> {
     Ok(o)
 }
 
+/// Bytes of weight copies a streamed GEMV benchmark rotates through: about 5x the 50 MB L2 cache
+/// of an H100.
+const GEMV_ROTATE_BYTES: usize = 256 << 20;
+
 /// Microbenchmarks: device copy bandwidth, each GEMV at Llama2-7B sizes next to the naive
-/// baseline, the GEMM's TFLOP/s, attention with and without mass at 4096 tokens.
+/// baseline (streamed back to back over rotating copies, and one launch alone), the GEMM's
+/// TFLOP/s, attention with and without mass at 4096 tokens.
 pub(super) fn microbench_model(rt: &CudaRuntime, iters: usize, seed: u64, lines: &mut Vec<BenchLine>) -> Result<()> {
     let mut rng = SplitMix64(seed ^ 0x5eed);
     let bytes = 512usize << 20;
@@ -408,14 +413,43 @@ pub(super) fn microbench_model(rt: &CudaRuntime, iters: usize, seed: u64, lines:
         (GgmlType::Q8_0, 4096, 4096),
         (GgmlType::F16, 4096, 4096),
     ] {
-        let w = rt.upload_weight(&random_weight(&mut rng, ty, rows, cols)?)?;
+        let host = random_weight(&mut rng, ty, rows, cols)?;
+        let w = rt.upload_weight(&host)?;
         let x = rt.upload(&rng.vec(cols, -1.0, 1.0))?;
         let mut y = rt.zeros::<f32>(rows)?;
         let moved = (w.n_rows * w.row_bytes + 4 * (cols + rows)) as u64;
-        let naive = time(rt, iters.min(10), || rt.matmul(&w, &x, 1, &mut y, MatmulKernel::Naive))?;
-        let fast = time(rt, iters, || rt.matmul(&w, &x, 1, &mut y, MatmulKernel::Gemv))?;
-        let pct = moved as f64 / (fast.0 * 1e-3) / 1e9 / copy * 100.0;
-        lines.push(bench_line("gemv", format!("{ty} {rows}x{cols} ({pct:.0}% of copy)"), moved, iters, fast, Some(naive.0 / fast.0)));
+        // Copies of the matrix that together exceed the L2 cache several times over, launched in
+        // turn, so the streamed figure reads every byte from device memory.
+        let w_bytes = w.n_rows * w.row_bytes;
+        let n_copies = (GEMV_ROTATE_BYTES / w_bytes).clamp(1, 16);
+        let mut ws = vec![w];
+        for _ in 1..n_copies {
+            ws.push(rt.upload_weight(&host)?);
+        }
+        let naive = time(rt, iters.min(10), || rt.matmul(&ws[0], &x, 1, &mut y, MatmulKernel::Naive))?;
+        let single = time(rt, iters, || rt.matmul(&ws[0], &x, 1, &mut y, MatmulKernel::Gemv))?;
+        let fast = time_stream(rt, iters, 4 * n_copies, |i| rt.matmul(&ws[i % n_copies], &x, 1, &mut y, MatmulKernel::Gemv))?;
+        // A device copy that reads and writes as many bytes in all (half the matrix each way),
+        // from the same rotating copies: the rate one launch of this size can reach.
+        let half = w_bytes / 2;
+        let mut dst = rt.zeros::<u8>(half.max(1))?;
+        let same_size = time_stream(rt, iters, 4 * n_copies, |i| {
+            rt.stream()
+                .memcpy_dtod(&ws[i % n_copies].data.slice(..half), &mut dst)
+                .map_err(|e| anyhow!("device copy of {half} bytes: {e}"))
+        })?;
+        let pct = |t: f64| moved as f64 / (t * 1e-3) / 1e9 / copy * 100.0;
+        let same_pct = same_size.0 / fast.0 * 100.0;
+        lines.push(bench_line(
+            "gemv",
+            format!("{ty} {rows}x{cols}, {n_copies} copies back to back ({:.0}% of copy, {same_pct:.0}% of a same-size copy)", pct(fast.0)),
+            moved,
+            iters,
+            fast,
+            Some(naive.0 / fast.0),
+        ));
+        lines.push(bench_line("copy_same_size", format!("{} bytes read + written, as gemv {ty} {rows}x{cols}", 2 * half), 2 * half as u64, iters, same_size, None));
+        lines.push(bench_line("gemv_single", format!("{ty} {rows}x{cols}, one launch alone ({:.0}% of copy)", pct(single.0)), moved, iters, single, None));
         lines.push(bench_line("gemv_naive", format!("{ty} {rows}x{cols}"), moved, iters.min(10), naive, None));
     }
     for &(ty, rows, cols, tokens) in &[(GgmlType::Q4_0, 4096, 4096, 512), (GgmlType::Q4_0, 11008, 4096, 512)] {
