@@ -32,8 +32,13 @@ use crate::kv::strategy::StrategySpec;
 use crate::model::llama::{DeviceWeights, Logits, Session};
 use crate::model::Model;
 
-/// The strategies checked; adding one (once its CUDA codec exists) is one entry here.
-pub const AGREE_STRATEGIES: &[&str] = &["fp16", "h2o", "gear", "gear-h2o"];
+/// The strategies checked, with their `--kv` parameters; adding one (once its CUDA codec exists)
+/// is one entry here. The evicting ones keep 32 tokens, and gear-h2o compresses its buffer every
+/// 16: within the checks' tens to hundreds of tokens, eviction, compression and eviction from
+/// compressed blocks all happen. At the defaults (half the prompt, a 64-token buffer) gear-h2o
+/// would hold 16 tokens of a 32-token prompt and never compress.
+pub const AGREE_STRATEGIES: &[(&str, &[&str])] =
+    &[("fp16", &[]), ("h2o", &["budget=32"]), ("gear", &[]), ("gear-h2o", &["budget=32", "buffer=16"])];
 /// A step is a tie, where the backends may pick different tokens, when the CPU's top-2 margin is
 /// at most this fraction of the row's largest |logit|. Both backends quantize activations to 8
 /// bits per 32 values, and a code that rounds the other way moves the logits; measured between
@@ -183,7 +188,7 @@ fn inputs(model: &Model, reference: Option<&Path>, seed: u64) -> Result<Inputs> 
 /// fast backend; one line each.
 pub fn run(ordinal: usize, path: &Path, reference: Option<&Path>, seed: u64) -> Result<Vec<SelftestLine>> {
     let model = Model::load(path).with_context(|| format!("loading {}", path.display()))?;
-    compare(&Cpu::fast(), &Cuda::new(ordinal)?, &model, path, reference, seed)
+    compare((&Cpu::fast(), "CPU"), (&Cuda::new(ordinal)?, "CUDA"), &model, path, reference, seed)
 }
 
 /// The same checks with the CPU reference backend in CUDA's place: how far two correct
@@ -191,12 +196,19 @@ pub fn run(ordinal: usize, path: &Path, reference: Option<&Path>, seed: u64) -> 
 /// activations or f16 attention), the yardstick for CUDA's figures. Needs no GPU.
 pub fn run_cpu_baseline(path: &Path, reference: Option<&Path>, seed: u64) -> Result<Vec<SelftestLine>> {
     let model = Model::load(path).with_context(|| format!("loading {}", path.display()))?;
-    compare(&Cpu::fast(), &Cpu::reference(), &model, path, reference, seed)
+    compare((&Cpu::fast(), "CPU fast"), (&Cpu::reference(), "CPU reference"), &model, path, reference, seed)
 }
 
-/// The greedy and teacher-forced checks of backend `b` against `a` (the oracle) for every
-/// strategy in [`AGREE_STRATEGIES`].
-pub fn compare<A: Backend, B: Backend>(a: &A, b: &B, model: &Model, path: &Path, reference: Option<&Path>, seed: u64) -> Result<Vec<SelftestLine>> {
+/// The greedy and teacher-forced checks of backend `b` against `a` (the oracle), each with the
+/// name its messages use, for every strategy in [`AGREE_STRATEGIES`].
+pub fn compare<A: Backend, B: Backend>(
+    (a, a_name): (&A, &str),
+    (b, b_name): (&B, &str),
+    model: &Model,
+    path: &Path,
+    reference: Option<&Path>,
+    seed: u64,
+) -> Result<Vec<SelftestLine>> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let inp = inputs(model, reference, seed)?;
     let (n_prompts, n_forced) = (inp.greedy.len(), inp.forced.len());
@@ -205,10 +217,12 @@ pub fn compare<A: Backend, B: Backend>(a: &A, b: &B, model: &Model, path: &Path,
     let on_a = Runner::new(a, model)?;
     let on_b = Runner::new(b, model)?;
     let mut lines = Vec::new();
-    for &strategy in AGREE_STRATEGIES {
-        let spec = StrategySpec::parse(strategy, &[], seed)?;
+    for &(strat, params) in AGREE_STRATEGIES {
+        let kv: Vec<String> = params.iter().map(|p| p.to_string()).collect();
+        let spec = StrategySpec::parse(strat, &kv, seed)?;
+        let strategy = if kv.is_empty() { strat.to_string() } else { format!("{strat}({})", kv.join(",")) };
         let shape = format!("{name} {strategy}, greedy {n_prompts} {what} prompts x {n_greedy} tokens");
-        lines.push(match greedy_case(&on_a, &on_b, &spec, &inp.greedy, model) {
+        lines.push(match greedy_case((&on_a, a_name), (&on_b, b_name), &spec, &inp.greedy, model) {
             Ok((summary, max_abs, max_rel, bad, problem)) => line("model_greedy", format!("{shape}: {summary}"), max_abs, max_rel, bad, problem, seed),
             Err(e) => error_line("model_greedy", shape, e, seed),
         });
@@ -225,10 +239,11 @@ type CaseResult = (String, f64, f64, usize, Option<String>);
 
 /// Greedy decoding on both backends from each prompt. With llama.cpp's text beside a prompt
 /// (fp16 only: the other strategies change the output), the summary also counts the prompts whose
-/// CUDA text is llama.cpp's; that count is information, the pass criterion is CUDA against CPU.
+/// text from the backend under test is llama.cpp's; that count is information, the pass
+/// criterion is the backend under test against the oracle.
 fn greedy_case<A: Backend, B: Backend>(
-    cpu: &Runner<A>,
-    cuda: &Runner<B>,
+    (cpu, a_name): (&Runner<A>, &str),
+    (cuda, b_name): (&Runner<B>, &str),
     spec: &StrategySpec,
     prompts: &[(Vec<u32>, usize, Option<String>)],
     model: &Model,
@@ -261,7 +276,7 @@ fn greedy_case<A: Backend, B: Backend>(
                 ties += 1;
             } else {
                 bad += 1;
-                problem.get_or_insert_with(|| format!("prompt {p} step {i}: CUDA picks {tg}, CPU {tw} with a margin of {margin:.3e} (row scale {scale:.3e})"));
+                problem.get_or_insert_with(|| format!("prompt {p} step {i}: {b_name} picks {tg}, {a_name} {tw} with a margin of {margin:.3e} (row scale {scale:.3e})"));
             }
             // The sequences differ from here on: the rest of this prompt is not comparable.
             break;
@@ -269,7 +284,7 @@ fn greedy_case<A: Backend, B: Backend>(
     }
     let mut summary = format!("{equal} equal tokens, {ties} tie(s), {bad} different; smallest CPU margin {min_margin:.1e} of scale");
     if llama_total > 0 {
-        summary.push_str(&format!("; CUDA text equals llama.cpp's for {llama_same} of {llama_total} prompts"));
+        summary.push_str(&format!("; {b_name}'s text equals llama.cpp's for {llama_same} of {llama_total} prompts"));
     }
     Ok((summary, max_abs, max_rel, bad, problem))
 }
