@@ -33,12 +33,13 @@ use crate::model::llama::{DeviceWeights, Logits, Session};
 use crate::model::Model;
 
 /// The strategies checked, with their `--kv` parameters; adding one (once its CUDA codec exists)
-/// is one entry here. The evicting ones keep 32 tokens, and gear-h2o compresses its buffer every
-/// 16: within the checks' tens to hundreds of tokens, eviction, compression and eviction from
-/// compressed blocks all happen. At the defaults (half the prompt, a 64-token buffer) gear-h2o
-/// would hold 16 tokens of a 32-token prompt and never compress.
+/// is one entry here. The evicting ones keep 48 tokens, and gear-h2o compresses its buffer every
+/// 32 (the smallest buffer its 32-token key groups allow): within the checks' 56 to a few
+/// hundred tokens, eviction, compression and eviction from compressed blocks all happen. At the
+/// defaults (half the prompt, a 64-token buffer) gear-h2o would hold 16 tokens of a 32-token
+/// prompt and never compress.
 pub const AGREE_STRATEGIES: &[(&str, &[&str])] =
-    &[("fp16", &[]), ("h2o", &["budget=32"]), ("gear", &[]), ("gear-h2o", &["budget=32", "buffer=16"])];
+    &[("fp16", &[]), ("h2o", &["budget=48"]), ("gear", &[]), ("gear-h2o", &["budget=48", "buffer=32"])];
 /// A step is a tie, where the backends may pick different tokens, when the CPU's top-2 margin is
 /// at most this fraction of the row's largest |logit|. Both backends quantize activations to 8
 /// bits per 32 values, and a code that rounds the other way moves the logits; measured between
@@ -52,7 +53,7 @@ pub const TIE_MARGIN_REL: f64 = 1e-2;
 pub const TOP1_AGREEMENT_MIN: f64 = 0.99;
 /// Greedy: prompts, prompt tokens, decoded tokens per prompt.
 const GREEDY_PROMPTS: usize = 3;
-const GREEDY_PROMPT_TOKENS: usize = 16;
+const GREEDY_PROMPT_TOKENS: usize = 32;
 const GREEDY_TOKENS: usize = 24;
 /// Teacher-forced: prompt tokens (one batch), then forced tokens fed one at a time.
 const FORCED_PROMPT_TOKENS: usize = 32;
