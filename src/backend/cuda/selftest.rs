@@ -968,38 +968,10 @@ pub(super) fn bench_line(
     }
 }
 
-/// (median, min) in milliseconds of `iters` timed launches of `launch`.
-pub(super) fn time(
-    rt: &CudaRuntime,
-    iters: usize,
-    mut launch: impl FnMut() -> Result<()>,
-) -> Result<(f64, f64)> {
-    for _ in 0..BENCH_WARMUP {
-        launch()?;
-    }
-    rt.synchronize()?;
-    let ctx = rt.context();
-    let event = || {
-        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| anyhow!("creating a CUDA event: {e}"))
-    };
-    let (start, end) = (event()?, event()?);
-    let mut ms = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        start
-            .record(rt.stream())
-            .map_err(|e| anyhow!("recording a CUDA event: {e}"))?;
-        launch()?;
-        end.record(rt.stream())
-            .map_err(|e| anyhow!("recording a CUDA event: {e}"))?;
-        ms.push(
-            start
-                .elapsed_ms(&end)
-                .map_err(|e| anyhow!("reading a CUDA event timer: {e}"))? as f64,
-        );
-    }
-    ms.sort_by(f64::total_cmp);
-    Ok((ms[ms.len() / 2], ms[0]))
+/// (median, min) in milliseconds of `iters` timed launches of `launch`, each alone between its
+/// own pair of events.
+pub(super) fn time(rt: &CudaRuntime, iters: usize, mut launch: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    time_stream(rt, iters, 1, |_| launch())
 }
 
 /// (median, min) in milliseconds per launch of `iters` samples, each `reps` launches back to back
