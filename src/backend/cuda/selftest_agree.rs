@@ -243,8 +243,8 @@ type CaseResult = (String, f64, f64, usize, Option<String>);
 /// text from the backend under test is llama.cpp's; that count is information, the pass
 /// criterion is the backend under test against the oracle.
 fn greedy_case<A: Backend, B: Backend>(
-    (cpu, a_name): (&Runner<A>, &str),
-    (cuda, b_name): (&Runner<B>, &str),
+    (oracle, a_name): (&Runner<A>, &str),
+    (tested, b_name): (&Runner<B>, &str),
     spec: &StrategySpec,
     prompts: &[(Vec<u32>, usize, Option<String>)],
     model: &Model,
@@ -255,8 +255,8 @@ fn greedy_case<A: Backend, B: Backend>(
     let mut min_margin = f64::INFINITY;
     let mut problem = None;
     for (p, (prompt, n, llama)) in prompts.iter().enumerate() {
-        let want = cpu.greedy(spec, prompt, *n)?;
-        let got = cuda.greedy(spec, prompt, *n)?;
+        let want = oracle.greedy(spec, prompt, *n)?;
+        let got = tested.greedy(spec, prompt, *n)?;
         if let (Some(llama), true) = (llama, spec.is_plain()) {
             let ids: Vec<u32> = got[..*n].iter().map(|r| crate::sample::greedy(r)).collect();
             llama_total += 1;
@@ -290,9 +290,9 @@ fn greedy_case<A: Backend, B: Backend>(
     Ok((summary, max_abs, max_rel, bad, problem))
 }
 
-fn forced_case<A: Backend, B: Backend>(cpu: &Runner<A>, cuda: &Runner<B>, spec: &StrategySpec, prompt: &[u32], forced: &[u32]) -> Result<CaseResult> {
-    let want = cpu.forced(spec, prompt, forced)?;
-    let got = cuda.forced(spec, prompt, forced)?;
+fn forced_case<A: Backend, B: Backend>(oracle: &Runner<A>, tested: &Runner<B>, spec: &StrategySpec, prompt: &[u32], forced: &[u32]) -> Result<CaseResult> {
+    let want = oracle.forced(spec, prompt, forced)?;
+    let got = tested.forced(spec, prompt, forced)?;
     let (mut max_abs, mut max_rel) = (0.0f64, 0.0f64);
     let (mut same_all, mut counted, mut same_counted) = (0usize, 0usize, 0usize);
     let mut min_margin = f64::INFINITY;
