@@ -38,7 +38,7 @@ fn a_broken_reference_file_is_a_clear_error() {
     let bad = common::temp_path("bad-greedy.json");
     for (text, want) in [("{\"cases\": [{\"prompt\": \"x\"}]}", "n_predict"), ("not json", "JSON"), ("{\"cases\": []}", "no cases")] {
         std::fs::write(&bad, text).unwrap();
-        let e = compare((&cpu, "a"), (&cpu, "b"), &m, &p, Some(&bad), 1).err().expect("an error");
+        let e = compare((&cpu, "a"), (&cpu, "b"), &m, &p, Some(&bad), 1).expect_err("an error");
         let msg = format!("{e:#}");
         assert!(msg.contains(want) && msg.contains("bad-greedy.json"), "{text}: {msg}");
     }
