@@ -36,6 +36,9 @@ fn attention(c: &mut Criterion) {
                 let k: Vec<f32> = (0..n * width).map(|_| rng.normal()).collect();
                 let v: Vec<f32> = (0..n * width).map(|_| rng.normal()).collect();
                 b.kv_append(&mut layer, &k, &v, n).expect("append");
+                // A prompt step ends as in the forward pass: the codec compresses what is due
+                // (without this every token would stay in the codecs' f16 buffers).
+                b.kv_finish_step(&mut layer, n, filled, n_ctx + 1).expect("finish step");
                 filled += n;
             }
             // The query's own token, appended once: every iteration attends over n_ctx + 1 tokens.
@@ -43,6 +46,8 @@ fn attention(c: &mut Criterion) {
             b.kv_append(&mut layer, &kv1, &kv1, 1).expect("append");
             let q: Vec<f32> = (0..width).map(|_| rng.normal()).collect();
             let mut out = vec![0f32; width];
+            let held = b.kv_bytes(&layer);
+            assert!(spec.codec == "fp16" || held.codes > 0, "{name}: the cache holds no compressed tokens");
             let id = format!("{name}{}", if kv.is_empty() { String::new() } else { format!("-{}", kv.join(",")) });
             g.bench_with_input(BenchmarkId::new(id, n_ctx), &n_ctx, |bch, _| {
                 bch.iter(|| b.attention(&q, &mut layer, 1, N_HEADS, HEAD_DIM, &mut out).expect("attention"))
