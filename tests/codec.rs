@@ -65,6 +65,17 @@ fn codecs() -> Vec<(&'static str, CodecParams)> {
             p.group = Some(8);
             p.buffer = Some(16)
         })),
+        // Groups of whole 8-byte chunks of codes: the packed-code kernels take these.
+        ("group", params(|p| {
+            p.group = Some(16);
+            p.residual = Some(16)
+        })),
+        ("gear", params(|p| {
+            p.group = Some(32);
+            p.bits = Some(2);
+            p.buffer = Some(32);
+            p.outliers = Some(0.05)
+        })),
         ("gear", params(|p| {
             p.backbone = Some(Backbone::Uniform);
             p.bits = Some(3);

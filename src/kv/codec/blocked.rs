@@ -26,6 +26,7 @@ use anyhow::{bail, Result};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use super::direct::{self, Kernel, Portable};
 use super::lowrank::LowRank;
 use super::quant::{Layout, QuantMatrix};
 use super::sparse::{outlier_count, Outliers};
@@ -299,6 +300,130 @@ impl Part {
         }
     }
 
+    /// `B` (`[d, rank]`) in f32 into `bf`.
+    #[inline(always)]
+    fn b_f32<K: Kernel>(&self, d: usize, bf: &mut Vec<f32>) {
+        bf.clear();
+        bf.resize(d * self.lr.rank, 0.0);
+        // SAFETY: the caller runs `K` where the CPU has its instructions.
+        unsafe { K::f16s(&self.lr.b, bf) };
+    }
+
+    /// `f(j, c, value - dense)` for each outlier in the rows `lo..hi`, `dense` being what the
+    /// backbone and the low-rank term (`B` in f32: `bf`) give at its place, which the direct
+    /// paths count before the corrections.
+    #[inline(always)]
+    fn outlier_deltas<K: Kernel>(&self, lo: usize, hi: usize, d: usize, bf: &[f32], mut f: impl FnMut(usize, usize, f32)) {
+        let n_out = self.out.len();
+        if n_out == 0 || lo >= hi {
+            return;
+        }
+        let r = self.lr.rank;
+        let first = partition_point(n_out, |i| self.out.pos(i) < lo * d);
+        let last = partition_point(n_out, |i| self.out.pos(i) < hi * d);
+        // Head sizes are powers of two in practice: a shift, not a division, per outlier.
+        let shift = d.is_power_of_two().then(|| d.trailing_zeros());
+        let mut cur = self.q.cursor();
+        for oi in first..last {
+            let pos = self.out.pos(oi);
+            let (j, c) = match shift {
+                Some(sh) => (pos >> sh, pos & (d - 1)),
+                None => (pos / d, pos % d),
+            };
+            let mut dense = cur.value::<K>(j, c);
+            // SAFETY: the caller runs `K` where the CPU has its instructions.
+            unsafe {
+                if r > 0 {
+                    dense += K::dot_f16(&self.lr.a[j * r..(j + 1) * r], &bf[c * r..(c + 1) * r]);
+                }
+                f(j, c, K::h2f(self.out.value_f16(oi)) - dense);
+            }
+        }
+    }
+
+    /// `scores_in` by the packed-code kernels, where the backbone allows it
+    /// (`QuantMatrix::direct_ok`; false otherwise, and nothing is written): the backbone's dot
+    /// products from the codes, then the low-rank term `a_j . (Bᵀ q_i)` and each outlier's
+    /// correction, with `B` in f32 (`bf`: scratch). No closure stands between the caller and the
+    /// kernels, so that all of it compiles into the caller (and gets its target features).
+    #[inline(always)]
+    fn scores_packed<K: Kernel>(&self, rows: std::ops::Range<usize>, qs: &[f32], d: usize, out: &mut [f32], stride: usize, bf: &mut Vec<f32>) -> bool {
+        if !self.q.direct_ok() {
+            return false;
+        }
+        self.q.scores_direct::<K>(rows.clone(), qs, out, stride);
+        let r = self.lr.rank;
+        let (lo, hi, j0) = (rows.start, rows.end.min(self.q.n_rows()), rows.start);
+        let mut bq = [[0f32; MAX_RANK]; MAX_DIRECT_QUERIES];
+        if r > 0 {
+            self.b_f32::<K>(d, bf);
+            for (b, q) in bq.iter_mut().zip(qs.chunks_exact(d)) {
+                for (bc, &qc) in bf.chunks_exact(r).zip(q) {
+                    for k in 0..r {
+                        b[k] += bc[k] * qc;
+                    }
+                }
+            }
+            for j in lo..hi {
+                for (i, b) in bq.iter().enumerate().take(qs.len() / d) {
+                    // SAFETY: the caller runs `K` where the CPU has its instructions.
+                    out[i * stride + j - j0] += unsafe { K::dot_f16(&self.lr.a[j * r..(j + 1) * r], &b[..r]) };
+                }
+            }
+        }
+        let n_q = qs.len() / d;
+        self.outlier_deltas::<K>(lo, hi, d, bf, |j, c, delta| {
+            for i in 0..n_q {
+                out[i * stride + j - j0] += qs[i * d + c] * delta;
+            }
+        });
+        true
+    }
+
+    /// `weighted_in` by the packed-code kernels, where the backbone allows it (false otherwise,
+    /// and nothing is added): the backbone's weighted sums from the codes, then the low-rank
+    /// term once per query as `B (sum_j p_j a_j)` and each outlier's correction, with `B` in f32
+    /// (`bf`: scratch).
+    #[inline(always)]
+    fn weighted_packed<K: Kernel>(&self, rows: std::ops::Range<usize>, p: &[f32], stride: usize, d: usize, out: &mut [f32], bf: &mut Vec<f32>) -> bool {
+        if !self.q.direct_ok() {
+            return false;
+        }
+        self.q.weighted_direct::<K>(rows.clone(), p, stride, out);
+        let (r, n_q) = (self.lr.rank, out.len() / d);
+        let (lo, hi, j0) = (rows.start, rows.end.min(self.q.n_rows()), rows.start);
+        let mut aj = [0f32; MAX_RANK];
+        if r > 0 {
+            self.b_f32::<K>(d, bf);
+            let mut pa = [[0f32; MAX_RANK]; MAX_DIRECT_QUERIES];
+            for j in lo..hi {
+                // SAFETY: the caller runs `K` where the CPU has its instructions.
+                unsafe { K::f16s(&self.lr.a[j * r..(j + 1) * r], &mut aj[..r]) };
+                for (i, a) in pa.iter_mut().enumerate().take(n_q) {
+                    let x = p[i * stride + j - j0];
+                    for k in 0..r {
+                        a[k] += x * aj[k];
+                    }
+                }
+            }
+            for (o, a) in out.chunks_exact_mut(d).zip(&pa) {
+                for (oc, bc) in o.iter_mut().zip(bf.chunks_exact(r)) {
+                    let mut t = 0f32;
+                    for k in 0..r {
+                        t += bc[k] * a[k];
+                    }
+                    *oc += t;
+                }
+            }
+        }
+        self.outlier_deltas::<K>(lo, hi, d, bf, |j, c, delta| {
+            for i in 0..n_q {
+                out[i * d + c] += p[i * stride + j - j0] * delta;
+            }
+        });
+        true
+    }
+
     /// Calls `f(j, x_j)` for the rows of `rows`, each decoded whole: `deq(Q) + A Bᵀ`, the
     /// outliers' exact values on their positions. `bf` is scratch for `B` in f32.
     #[inline(always)]
@@ -407,6 +532,47 @@ fn partition_point(n: usize, pred: impl Fn(usize) -> bool) -> usize {
         }
     }
     lo
+}
+
+/// The compressed blocks of a head holding some of the rows `lo..hi`, for the direct paths: each
+/// as (its keys' part, or its values' when `value`; the rows within the block; the position of
+/// the first of them in `lo..hi`). Then `buffered` gives those rows held in the f16 buffer.
+struct Segments<'a> {
+    blocks: std::slice::Iter<'a, Block>,
+    /// Rows of the blocks walked so far.
+    off: usize,
+    lo: usize,
+    hi: usize,
+    value: bool,
+    d: usize,
+}
+
+impl<'a> Iterator for Segments<'a> {
+    type Item = (&'a Part, std::ops::Range<usize>, usize);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        for b in self.blocks.by_ref() {
+            let off = self.off;
+            self.off += b.n;
+            if off < self.hi && off + b.n > self.lo {
+                let local = self.lo.saturating_sub(off)..(self.hi - off).min(b.n);
+                let at = off + local.start - self.lo;
+                return Some((if self.value { &b.v } else { &b.k }, local, at));
+            }
+        }
+        None
+    }
+}
+
+impl<'a> Segments<'a> {
+    /// After every block: `(j, x_j)` for the rows of `lo..hi` in `head`'s f16 buffer.
+    fn buffered(self, head: &'a Head) -> impl Iterator<Item = (usize, &'a [f16])> {
+        let buf = if self.value { &head.buf_v } else { &head.buf_k };
+        let (off, d) = (self.off, self.d);
+        let first = self.lo.max(off);
+        let last = self.hi.min(off + buf.len() / d).max(first);
+        buf[(first - off) * d..(last - off) * d].chunks_exact(d).enumerate().map(move |(i, x)| (first + i, x))
+    }
 }
 
 thread_local! {
@@ -523,88 +689,96 @@ impl Blocked {
         }
     }
 
-    /// Walks the rows `rows` of head `g` for the direct paths: calls `block(part, local rows,
-    /// column)` for each compressed block holding some of them (its keys' part, or its values'
-    /// when `value`), then `buffered(j, x_j)` for each of them in the f16 buffer. `None` where
-    /// the head does not exist or `n_q` is not a direct path's (0 or over [`MAX_DIRECT_QUERIES`]).
-    fn walk_direct(
-        &self,
-        g: usize,
-        value: bool,
-        n_q: usize,
-        rows: std::ops::Range<usize>,
-        mut block: impl FnMut(&Part, std::ops::Range<usize>, usize),
-        mut buffered: impl FnMut(usize, &[f32]),
-    ) -> Option<()> {
+    /// Head `g` for a direct path over `rows` with `n_values` query values (`n_q` rows of
+    /// `head_dim`); `None` where the head does not exist or `n_q` is not a direct path's (0, over
+    /// [`MAX_DIRECT_QUERIES`], or not whole rows).
+    fn direct_head(&self, g: usize, n_values: usize, rows: &std::ops::Range<usize>) -> Option<&Head> {
         let d = self.head_dim;
-        let head = self.heads.get(g).filter(|_| n_q > 0 && n_q <= MAX_DIRECT_QUERIES)?;
-        let (lo, hi) = (rows.start, rows.end);
-        let mut off = 0;
-        for b in &head.blocks {
-            if off < hi && off + b.n > lo {
-                let local = lo.saturating_sub(off)..(hi - off).min(b.n);
-                let at = off + local.start - lo;
-                block(if value { &b.v } else { &b.k }, local, at);
-            }
-            off += b.n;
-        }
-        let buf = if value { &head.buf_v } else { &head.buf_k };
-        let mut row = [0f32; MAX_HEAD_DIM];
-        for j in lo.max(off)..hi.min(off + buf.len() / d) {
-            buf[(j - off) * d..(j - off + 1) * d].convert_to_f32_slice(&mut row[..d]);
-            buffered(j, &row[..d]);
-        }
-        Some(())
+        let n_q = n_values / d;
+        let ok = n_values.is_multiple_of(d) && n_q > 0 && n_q <= MAX_DIRECT_QUERIES && rows.start <= rows.end;
+        self.heads.get(g).filter(|_| ok)
     }
 
     /// See `Codec::scores_direct`.
     pub(crate) fn scores_direct(&self, g: usize, qs: &[f32], rows: std::ops::Range<usize>, out: &mut [f32], stride: usize) -> bool {
-        let d = self.head_dim;
-        if !qs.len().is_multiple_of(d) {
-            return false;
+        #[cfg(target_arch = "x86_64")]
+        if direct::avx2_fma_f16c() {
+            // SAFETY: the CPU has the instructions (checked just above).
+            return unsafe { self.scores_direct_avx2(g, qs, rows, out, stride) };
         }
-        let lo = rows.start;
-        let out = std::cell::RefCell::new(out);
-        self.walk_direct(
-            g,
-            false,
-            qs.len() / d,
-            rows,
-            |part, local, at| part.scores_in(local, qs, d, &mut out.borrow_mut()[at..], stride),
-            |j, x| {
-                for (i, q) in qs.chunks_exact(d).enumerate() {
-                    out.borrow_mut()[i * stride + j - lo] = dot(q, x);
-                }
-            },
-        )
-        .is_some()
+        self.scores_direct_body::<Portable>(g, qs, rows, out, stride)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scores_direct_avx2(&self, g: usize, qs: &[f32], rows: std::ops::Range<usize>, out: &mut [f32], stride: usize) -> bool {
+        self.scores_direct_body::<direct::Avx2>(g, qs, rows, out, stride)
+    }
+
+    /// Blocks by the packed-code kernels `K` where their backbone allows, by `Part::scores_in`
+    /// otherwise (3-bit codes, groups that are not whole chunks).
+    #[inline(always)]
+    fn scores_direct_body<K: Kernel>(&self, g: usize, qs: &[f32], rows: std::ops::Range<usize>, out: &mut [f32], stride: usize) -> bool {
+        let d = self.head_dim;
+        let Some(head) = self.direct_head(g, qs.len(), &rows) else { return false };
+        let mut bf = B_F32.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+        let mut segs = Segments { blocks: head.blocks.iter(), off: 0, lo: rows.start, hi: rows.end, value: false, d };
+        for (part, local, at) in &mut segs {
+            if !part.scores_packed::<K>(local.clone(), qs, d, &mut out[at..], stride, &mut bf) {
+                part.scores_in(local, qs, d, &mut out[at..], stride);
+            }
+        }
+        B_F32.with(|cell| *cell.borrow_mut() = bf);
+        let mut row = [0f32; MAX_HEAD_DIM];
+        for (j, x) in segs.buffered(head) {
+            x.convert_to_f32_slice(&mut row[..d]);
+            for (i, q) in qs.chunks_exact(d).enumerate() {
+                out[i * stride + j - rows.start] = dot(q, &row[..d]);
+            }
+        }
+        true
     }
 
     /// See `Codec::weighted_direct`.
     pub(crate) fn weighted_direct(&self, g: usize, p: &[f32], stride: usize, rows: std::ops::Range<usize>, out: &mut [f32]) -> bool {
-        let d = self.head_dim;
-        if !out.len().is_multiple_of(d) {
-            return false;
+        #[cfg(target_arch = "x86_64")]
+        if direct::avx2_fma_f16c() {
+            // SAFETY: the CPU has the instructions (checked just above).
+            return unsafe { self.weighted_direct_avx2(g, p, stride, rows, out) };
         }
-        let lo = rows.start;
-        let n_q = out.len() / d;
-        let out = std::cell::RefCell::new(out);
-        self.walk_direct(
-            g,
-            true,
-            n_q,
-            rows,
-            |part, local, at| part.weighted_in(local, &p[at..], stride, d, &mut out.borrow_mut()),
-            |j, x| {
-                for (i, o) in out.borrow_mut().chunks_exact_mut(d).enumerate() {
-                    let pj = p[i * stride + j - lo];
-                    if pj != 0.0 {
-                        axpy(o, pj, x);
-                    }
+        self.weighted_direct_body::<Portable>(g, p, stride, rows, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted_direct_avx2(&self, g: usize, p: &[f32], stride: usize, rows: std::ops::Range<usize>, out: &mut [f32]) -> bool {
+        self.weighted_direct_body::<direct::Avx2>(g, p, stride, rows, out)
+    }
+
+    /// As `scores_direct_body`, for the values.
+    #[inline(always)]
+    fn weighted_direct_body<K: Kernel>(&self, g: usize, p: &[f32], stride: usize, rows: std::ops::Range<usize>, out: &mut [f32]) -> bool {
+        let d = self.head_dim;
+        let Some(head) = self.direct_head(g, out.len(), &rows) else { return false };
+        let mut bf = B_F32.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+        let mut segs = Segments { blocks: head.blocks.iter(), off: 0, lo: rows.start, hi: rows.end, value: true, d };
+        for (part, local, at) in &mut segs {
+            if !part.weighted_packed::<K>(local.clone(), &p[at..], stride, d, out, &mut bf) {
+                part.weighted_in(local, &p[at..], stride, d, out);
+            }
+        }
+        B_F32.with(|cell| *cell.borrow_mut() = bf);
+        let mut row = [0f32; MAX_HEAD_DIM];
+        for (j, x) in segs.buffered(head) {
+            x.convert_to_f32_slice(&mut row[..d]);
+            for (i, o) in out.chunks_exact_mut(d).enumerate() {
+                let pj = p[i * stride + j - rows.start];
+                if pj != 0.0 {
+                    axpy(o, pj, &row[..d]);
                 }
-            },
-        )
-        .is_some()
+            }
+        }
+        true
     }
 
     pub(crate) fn for_each_decoded(&self, g: usize, value: bool, rows: std::ops::Range<usize>, f: &mut dyn FnMut(usize, &[f32])) {

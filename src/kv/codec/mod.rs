@@ -60,6 +60,7 @@ macro_rules! forward_codec_to_inner {
     };
 }
 
+mod direct;
 pub mod fp16;
 pub mod gear;
 pub mod group;
@@ -86,10 +87,10 @@ use half::f16;
 
 /// Largest head size a codec accepts (rows are decoded into stack buffers of this size).
 pub const MAX_HEAD_DIM: usize = 512;
-/// Largest low-rank rank GEAR accepts.
 /// Queries the direct (decode) attention paths take at once: a KV head's query heads when one
 /// token is decoded.
 pub const MAX_DIRECT_QUERIES: usize = 8;
+/// Largest low-rank rank GEAR accepts.
 pub const MAX_RANK: usize = 64;
 
 /// Bytes a codec holds, by component. Every figure is what is resident, not a simulation.

@@ -21,8 +21,9 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use super::direct::{self, Kernel};
 use super::pack::{code_at, f16_down, f16_up, pack_row, row_bytes, unpack_row};
-use super::MAX_HEAD_DIM;
+use super::{MAX_DIRECT_QUERIES, MAX_HEAD_DIM};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Layout {
@@ -41,6 +42,47 @@ pub(crate) struct QuantMatrix {
     scales: Vec<f16>,
     /// `Channel` only: rows in each row group, in order.
     group_rows: Vec<u32>,
+}
+
+/// Dequantized values at a few positions, visited in ascending row order (GEAR's outlier
+/// corrections on the direct paths): keeps its place among the row groups.
+pub(crate) struct ScaleCursor<'a> {
+    q: &'a QuantMatrix,
+    /// `Channel`: the current row group and its first row.
+    gi: usize,
+    start: usize,
+    /// `Token`: log2 of the group, where it is a power of two (else the group divides), and
+    /// the groups of a row.
+    shift: Option<u32>,
+    n_g: usize,
+}
+
+impl ScaleCursor<'_> {
+    /// The dequantized value of row `j`, channel `c`, computed as `for_rows_in` computes it;
+    /// `j` must not decrease from one call to the next.
+    #[inline(always)]
+    pub(crate) fn value<K: Kernel>(&mut self, j: usize, c: usize) -> f32 {
+        let q = self.q;
+        let at = match q.layout {
+            Layout::Token { group } => {
+                let g = match self.shift {
+                    Some(sh) => c >> sh,
+                    None => c / group,
+                };
+                (j * self.n_g + g) * 2
+            }
+            Layout::Channel { .. } => {
+                while j >= self.start + q.group_rows[self.gi] as usize {
+                    self.start += q.group_rows[self.gi] as usize;
+                    self.gi += 1;
+                }
+                (self.gi * q.d + c) * 2
+            }
+        };
+        let code = code_at(&q.codes[j * q.row_bytes..(j + 1) * q.row_bytes], q.bits, c) as f32;
+        // SAFETY: the caller runs `K` where the CPU has its instructions.
+        unsafe { code * K::h2f(q.scales[at]) + K::h2f(q.scales[at + 1]) }
+    }
 }
 
 /// f16 (step, zero) for values in `[lo, hi]` at `levels = 2^b - 1`.
@@ -136,7 +178,6 @@ impl QuantMatrix {
         QuantMatrix { layout, bits, d, n, row_bytes: rb, codes, scales, group_rows }
     }
 
-    #[cfg(test)]
     pub(crate) fn n_rows(&self) -> usize {
         self.n
     }
@@ -200,6 +241,228 @@ impl QuantMatrix {
                                 *v = *v * s + z;
                             }
                             f(j, row);
+                        }
+                    }
+                    start = end;
+                }
+            }
+        }
+    }
+
+    /// Whether the direct paths (`scores_direct`, `weighted_direct`) take this matrix: 2, 4 or
+    /// 8 bits, rows of whole 8-byte chunks and, with per-row scales, groups of whole chunks.
+    pub(crate) fn direct_ok(&self) -> bool {
+        if !direct::bits_ok(self.bits) {
+            return false;
+        }
+        let c = direct::chunk_codes(self.bits);
+        self.d.is_multiple_of(c)
+            && match self.layout {
+                Layout::Token { group } => group.is_multiple_of(c),
+                Layout::Channel { .. } => true,
+            }
+    }
+
+    /// A `ScaleCursor` at the first row.
+    pub(crate) fn cursor(&self) -> ScaleCursor<'_> {
+        let (shift, n_g) = match self.layout {
+            Layout::Token { group } => (group.is_power_of_two().then(|| group.trailing_zeros()), self.d / group),
+            Layout::Channel { .. } => (None, 0),
+        };
+        ScaleCursor { q: self, gi: 0, start: 0, shift, n_g }
+    }
+
+    /// Scores straight from the codes (`direct_ok` must hold): for each row `j` of `rows` (cut
+    /// at `n`) and query `i` of `qs` (`[n_q, d]`, `n_q <= MAX_DIRECT_QUERIES`),
+    /// `out[i * stride + j - rows.start] = q_i . deq(x_j)`.
+    #[inline(always)]
+    pub(crate) fn scores_direct<K: Kernel>(&self, rows: std::ops::Range<usize>, qs: &[f32], out: &mut [f32], stride: usize) {
+        match qs.len() / self.d {
+            1 => self.scores_n::<K, 1>(rows, qs, out, stride),
+            2 => self.scores_n::<K, 2>(rows, qs, out, stride),
+            3 => self.scores_n::<K, 3>(rows, qs, out, stride),
+            4 => self.scores_n::<K, 4>(rows, qs, out, stride),
+            _ => self.scores_n::<K, MAX_DIRECT_QUERIES>(rows, qs, out, stride),
+        }
+    }
+
+    /// `scores_direct` with the queries padded with zeros to `N`.
+    #[inline(always)]
+    fn scores_n<K: Kernel, const N: usize>(&self, rows: std::ops::Range<usize>, qs: &[f32], out: &mut [f32], stride: usize) {
+        let (d, bits, rb) = (self.d, self.bits, self.row_bytes);
+        let n_q = qs.len() / d;
+        let (lo, hi, j0) = (rows.start, rows.end.min(self.n), rows.start);
+        let mut qp = [0f32; MAX_DIRECT_QUERIES * MAX_HEAD_DIM];
+        let mut sz = [0f32; 2 * MAX_HEAD_DIM];
+        let mut s = [0f32; N];
+        match self.layout {
+            Layout::Token { group } => {
+                let n_g = d / group;
+                // Each query in lane order, and its sum over each group (for the zero points).
+                let mut qsum = [0f32; MAX_DIRECT_QUERIES * MAX_HEAD_DIM / 8];
+                let order = direct::LaneOrder::new(bits, d);
+                for (i, q) in qs.chunks_exact(d).enumerate() {
+                    for (x, &c) in qp[i * d..(i + 1) * d].iter_mut().zip(&order.perm) {
+                        *x = q[c as usize];
+                    }
+                    for (g, qg) in q.chunks_exact(group).enumerate() {
+                        let mut t = 0f32;
+                        for &x in qg {
+                            t += x;
+                        }
+                        qsum[i * n_g + g] = t;
+                    }
+                }
+                for j in lo..hi {
+                    let codes = &self.codes[j * rb..(j + 1) * rb];
+                    // SAFETY: the caller runs `K` where the CPU has its instructions.
+                    unsafe {
+                        K::f16s(&self.scales[j * n_g * 2..(j + 1) * n_g * 2], &mut sz[..2 * n_g]);
+                        K::dot::<N>(bits, codes, &qp[..N * d], d, group, &sz[..2 * n_g], &mut s);
+                    }
+                    for i in 0..n_q {
+                        let mut z = 0f32;
+                        for g in 0..n_g {
+                            z += sz[2 * g + 1] * qsum[i * n_g + g];
+                        }
+                        out[i * stride + j - j0] = s[i] + z;
+                    }
+                }
+            }
+            Layout::Channel { .. } => {
+                // Per row group: each query times the steps, in lane order, and its dot with
+                // the zero points.
+                let one = [1f32, 0.0];
+                let order = direct::LaneOrder::new(bits, d);
+                let mut base = [0f32; N];
+                let mut start = 0;
+                for (gi, &cnt) in self.group_rows.iter().enumerate() {
+                    let end = start + cnt as usize;
+                    if start >= hi {
+                        break;
+                    }
+                    if end > lo {
+                        // SAFETY: as above.
+                        unsafe { K::f16s(&self.scales[gi * d * 2..(gi + 1) * d * 2], &mut sz[..2 * d]) };
+                        for (i, q) in qs.chunks_exact(d).enumerate() {
+                            for (x, &c) in qp[i * d..(i + 1) * d].iter_mut().zip(&order.perm) {
+                                *x = q[c as usize] * sz[2 * c as usize];
+                            }
+                            let mut t = 0f32;
+                            for (c, &x) in q.iter().enumerate() {
+                                t += x * sz[2 * c + 1];
+                            }
+                            base[i] = t;
+                        }
+                        for j in start.max(lo)..end.min(hi) {
+                            let codes = &self.codes[j * rb..(j + 1) * rb];
+                            // SAFETY: as above.
+                            unsafe { K::dot::<N>(bits, codes, &qp[..N * d], d, d, &one, &mut s) };
+                            for i in 0..n_q {
+                                out[i * stride + j - j0] = s[i] + base[i];
+                            }
+                        }
+                    }
+                    start = end;
+                }
+            }
+        }
+    }
+
+    /// Weighted values straight from the codes (`direct_ok` must hold): for each query `i` of
+    /// `out` (`[n_q, d]`, `n_q <= MAX_DIRECT_QUERIES`), `out_i += sum_j p[i * stride + j -
+    /// rows.start] deq(x_j)` over the rows of `rows` (cut at `n`). Rows whose weights are all
+    /// zero are skipped.
+    #[inline(always)]
+    pub(crate) fn weighted_direct<K: Kernel>(&self, rows: std::ops::Range<usize>, p: &[f32], stride: usize, out: &mut [f32]) {
+        match out.len() / self.d {
+            1 => self.weighted_n::<K, 1>(rows, p, stride, out),
+            2 => self.weighted_n::<K, 2>(rows, p, stride, out),
+            3 => self.weighted_n::<K, 3>(rows, p, stride, out),
+            4 => self.weighted_n::<K, 4>(rows, p, stride, out),
+            _ => self.weighted_n::<K, MAX_DIRECT_QUERIES>(rows, p, stride, out),
+        }
+    }
+
+    /// `weighted_direct` with the queries padded with zero weights to `N`.
+    #[inline(always)]
+    fn weighted_n<K: Kernel, const N: usize>(&self, rows: std::ops::Range<usize>, p: &[f32], stride: usize, out: &mut [f32]) {
+        let (d, bits, rb) = (self.d, self.bits, self.row_bytes);
+        let n_q = out.len() / d;
+        let (lo, hi, j0) = (rows.start, rows.end.min(self.n), rows.start);
+        // The codes' weighted sums, per query in lane order.
+        let mut acc = [0f32; MAX_DIRECT_QUERIES * MAX_HEAD_DIM];
+        let mut sz = [0f32; 2 * MAX_HEAD_DIM];
+        let mut pj = [0f32; N];
+        let order = direct::LaneOrder::new(bits, d);
+        match self.layout {
+            Layout::Token { group } => {
+                let n_g = d / group;
+                // Per query and group: the row's weight times its step, and the sum of weight
+                // times zero point.
+                let mut w = [0f32; MAX_DIRECT_QUERIES * MAX_HEAD_DIM / 8];
+                let mut zacc = [0f32; MAX_DIRECT_QUERIES * MAX_HEAD_DIM / 8];
+                for j in lo..hi {
+                    let mut any = false;
+                    for i in 0..n_q {
+                        pj[i] = p[i * stride + j - j0];
+                        any |= pj[i] != 0.0;
+                    }
+                    if !any {
+                        continue;
+                    }
+                    let codes = &self.codes[j * rb..(j + 1) * rb];
+                    // SAFETY: the caller runs `K` where the CPU has its instructions.
+                    unsafe { K::f16s(&self.scales[j * n_g * 2..(j + 1) * n_g * 2], &mut sz[..2 * n_g]) };
+                    for (i, &x) in pj.iter().enumerate() {
+                        for g in 0..n_g {
+                            w[i * n_g + g] = x * sz[2 * g];
+                            zacc[i * n_g + g] += x * sz[2 * g + 1];
+                        }
+                    }
+                    // SAFETY: as above.
+                    unsafe { K::axpy::<N>(bits, codes, &w[..N * n_g], d, group, &mut acc[..N * d]) };
+                }
+                // Every code of a chunk is in the same group.
+                let cc = direct::chunk_codes(bits);
+                for (i, o) in out.chunks_exact_mut(d).enumerate() {
+                    for (ch, (a, p)) in acc[i * d..(i + 1) * d].chunks_exact(cc).zip(order.perm[..d].chunks_exact(cc)).enumerate() {
+                        let z = zacc[i * n_g + ch * cc / group];
+                        for (&a, &c) in a.iter().zip(p) {
+                            o[c as usize] += a + z;
+                        }
+                    }
+                }
+            }
+            Layout::Channel { .. } => {
+                let mut start = 0;
+                for (gi, &cnt) in self.group_rows.iter().enumerate() {
+                    let end = start + cnt as usize;
+                    if start >= hi {
+                        break;
+                    }
+                    if end > lo {
+                        // SAFETY: as above.
+                        unsafe { K::f16s(&self.scales[gi * d * 2..(gi + 1) * d * 2], &mut sz[..2 * d]) };
+                        acc[..N * d].fill(0.0);
+                        let mut psum = [0f32; N];
+                        for j in start.max(lo)..end.min(hi) {
+                            let mut any = false;
+                            for i in 0..n_q {
+                                pj[i] = p[i * stride + j - j0];
+                                psum[i] += pj[i];
+                                any |= pj[i] != 0.0;
+                            }
+                            if any {
+                                // SAFETY: as above.
+                                unsafe { K::axpy::<N>(bits, &self.codes[j * rb..(j + 1) * rb], &pj, d, d, &mut acc[..N * d]) };
+                            }
+                        }
+                        for (i, o) in out.chunks_exact_mut(d).enumerate() {
+                            for (&a, &c) in acc[i * d..(i + 1) * d].iter().zip(&order.perm) {
+                                let c = c as usize;
+                                o[c] += sz[2 * c] * a + sz[2 * c + 1] * psum[i];
+                            }
                         }
                     }
                     start = end;
@@ -332,6 +595,75 @@ mod tests {
             check_half_step(bits, Layout::Token { group: 32 }, 9, 32, seed ^ 1);
             check_half_step(bits, Layout::Channel { group: 4 }, 10, 32, seed ^ 2);
         }
+    }
+
+    /// `scores_direct` and `weighted_direct` by kernel `K` against the rows `for_rows_in`
+    /// dequantizes, for every query count, over ranges of rows that cut row groups.
+    fn check_direct<K: Kernel>(seed: u64) {
+        let mut rng = Rng::new(seed);
+        let (n, d) = (23, 64);
+        let x: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+        for bits in [2, 4, 8] {
+            let c = direct::chunk_codes(bits);
+            for layout in [Layout::Token { group: d }, Layout::Token { group: c }, Layout::Channel { group: 5 }] {
+                let q = QuantMatrix::quantize(&x, n, d, bits, layout);
+                assert!(q.direct_ok());
+                let mut deq = vec![0f32; n * d];
+                q.for_rows(n, |j, row| deq[j * d..(j + 1) * d].copy_from_slice(row));
+                for n_q in 1..=MAX_DIRECT_QUERIES {
+                    let qs: Vec<f32> = (0..n_q * d).map(|_| rng.normal()).collect();
+                    for (lo, hi) in [(0, n), (3, 17), (6, n + 4)] {
+                        let m = hi - lo;
+                        let what = format!("seed {seed} bits {bits} {layout:?} queries {n_q} rows {lo}..{hi}");
+                        let mut sc = vec![f32::NAN; n_q * m];
+                        q.scores_direct::<K>(lo..hi, &qs, &mut sc, m);
+                        let mut cur = q.cursor();
+                        for j in lo..hi.min(n) {
+                            assert_eq!(cur.value::<K>(j, 7), deq[j * d + 7], "{what}");
+                            assert_eq!(cur.value::<K>(j, d - 1), deq[j * d + d - 1], "{what}");
+                        }
+                        for i in 0..n_q {
+                            for j in lo..hi.min(n) {
+                                let terms = || (0..d).map(|c| qs[i * d + c] as f64 * deq[j * d + c] as f64);
+                                let (want, mag) = (terms().sum::<f64>(), terms().map(f64::abs).sum::<f64>());
+                                let got = sc[i * m + j - lo] as f64;
+                                assert!((got - want).abs() <= 1e-5 * mag + 1e-9, "{what} query {i} row {j}: score {got} vs {want}");
+                            }
+                        }
+                        let p: Vec<f32> = (0..n_q * m).map(|k| if k % 5 == 1 { 0.0 } else { rng.next_f32() }).collect();
+                        let mut out = vec![0.25f32; n_q * d];
+                        q.weighted_direct::<K>(lo..hi, &p, m, &mut out);
+                        for i in 0..n_q {
+                            for c in 0..d {
+                                let terms = || (lo..hi.min(n)).map(|j| p[i * m + j - lo] as f64 * deq[j * d + c] as f64);
+                                let (want, mag) = (0.25 + terms().sum::<f64>(), 0.25 + terms().map(f64::abs).sum::<f64>());
+                                let got = out[i * d + c] as f64;
+                                assert!((got - want).abs() <= 1e-5 * mag, "{what} query {i} channel {c}: value {got} vs {want}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // What the kernels do not take.
+        assert!(!QuantMatrix::quantize(&x, n, d, 3, Layout::Token { group: d }).direct_ok());
+        assert!(!QuantMatrix::quantize(&x, n, d, 4, Layout::Token { group: 8 }).direct_ok());
+    }
+
+    #[test]
+    fn direct_paths_match_the_dequantized_rows() {
+        check_direct::<direct::Portable>(Rng::seed_from_time());
+        #[cfg(target_arch = "x86_64")]
+        if direct::avx2_fma_f16c() {
+            // SAFETY: the CPU has the instructions (checked just above).
+            unsafe { check_direct_avx2(Rng::seed_from_time()) };
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn check_direct_avx2(seed: u64) {
+        check_direct::<direct::Avx2>(seed)
     }
 
     #[test]

@@ -73,6 +73,12 @@ impl Outliers {
         self.val[i].to_f32()
     }
 
+    /// Value `i` as stored.
+    #[inline]
+    pub(crate) fn value_f16(&self, i: usize) -> f16 {
+        self.val[i]
+    }
+
     pub(crate) fn bytes(&self) -> usize {
         self.idx16.len() * 2 + self.idx32.len() * 4 + self.val.len() * 2
     }
