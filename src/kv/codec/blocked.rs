@@ -29,7 +29,7 @@ use half::slice::HalfFloatSliceExt;
 use super::direct::{self, Kernel, Portable};
 use super::lowrank::LowRank;
 use super::quant::{Layout, QuantMatrix};
-use super::sparse::{outlier_count, Outliers};
+use super::sparse::{outlier_count, Outliers, Positions};
 use super::{KvBytes, MAX_DIRECT_QUERIES, MAX_HEAD_DIM, MAX_RANK};
 use crate::rng::Rng;
 
@@ -313,22 +313,32 @@ impl Part {
     /// backbone and the low-rank term (`B` in f32: `bf`) give at its place, which the direct
     /// paths count before the corrections.
     #[inline(always)]
-    fn outlier_deltas<K: Kernel>(&self, lo: usize, hi: usize, d: usize, bf: &[f32], mut f: impl FnMut(usize, usize, f32)) {
+    fn outlier_deltas<K: Kernel>(&self, lo: usize, hi: usize, d: usize, bf: &[f32], f: impl FnMut(usize, usize, f32)) {
         let n_out = self.out.len();
         if n_out == 0 || lo >= hi {
             return;
         }
-        let r = self.lr.rank;
         let first = partition_point(n_out, |i| self.out.pos(i) < lo * d);
         let last = partition_point(n_out, |i| self.out.pos(i) < hi * d);
+        let vals = &self.out.values()[first..last];
+        match self.out.positions() {
+            Positions::U16(p) => self.deltas_of::<K, u16>(&p[first..last], vals, d, bf, f),
+            Positions::U32(p) => self.deltas_of::<K, u32>(&p[first..last], vals, d, bf, f),
+        }
+    }
+
+    /// `outlier_deltas` over the outliers at `pos` (flat indices, ascending) with values `vals`.
+    #[inline(always)]
+    fn deltas_of<K: Kernel, P: Copy + Into<u64>>(&self, pos: &[P], vals: &[f16], d: usize, bf: &[f32], mut f: impl FnMut(usize, usize, f32)) {
+        let r = self.lr.rank;
         // Head sizes are powers of two in practice: a shift, not a division, per outlier.
         let shift = d.is_power_of_two().then(|| d.trailing_zeros());
         let mut cur = self.q.cursor();
-        for oi in first..last {
-            let pos = self.out.pos(oi);
+        for (&p, &v) in pos.iter().zip(vals) {
+            let p = p.into() as usize;
             let (j, c) = match shift {
-                Some(sh) => (pos >> sh, pos & (d - 1)),
-                None => (pos / d, pos % d),
+                Some(sh) => (p >> sh, p & (d - 1)),
+                None => (p / d, p % d),
             };
             let mut dense = cur.value::<K>(j, c);
             // SAFETY: the caller runs `K` where the CPU has its instructions.
@@ -336,7 +346,7 @@ impl Part {
                 if r > 0 {
                     dense += K::dot_f16(&self.lr.a[j * r..(j + 1) * r], &bf[c * r..(c + 1) * r]);
                 }
-                f(j, c, K::h2f(self.out.value_f16(oi)) - dense);
+                f(j, c, K::h2f(v) - dense);
             }
         }
     }

@@ -6,6 +6,12 @@
 
 use half::f16;
 
+/// An `Outliers`' flat indices as stored.
+pub(crate) enum Positions<'a> {
+    U16(&'a [u16]),
+    U32(&'a [u32]),
+}
+
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Outliers {
     idx16: Vec<u16>,
@@ -73,10 +79,20 @@ impl Outliers {
         self.val[i].to_f32()
     }
 
-    /// Value `i` as stored.
+    /// The stored indices, in their width.
     #[inline]
-    pub(crate) fn value_f16(&self, i: usize) -> f16 {
-        self.val[i]
+    pub(crate) fn positions(&self) -> Positions<'_> {
+        if self.idx32.is_empty() {
+            Positions::U16(&self.idx16)
+        } else {
+            Positions::U32(&self.idx32)
+        }
+    }
+
+    /// The stored values.
+    #[inline]
+    pub(crate) fn values(&self) -> &[f16] {
+        &self.val
     }
 
     pub(crate) fn bytes(&self) -> usize {
