@@ -223,27 +223,19 @@ impl QuantMatrix {
                 let mut s = [0f32; MAX_HEAD_DIM];
                 let mut z = [0f32; MAX_HEAD_DIM];
                 let mut sz = [0f32; 2 * MAX_HEAD_DIM];
-                let mut start = 0;
-                for (gi, &cnt) in self.group_rows.iter().enumerate() {
-                    let end = start + cnt as usize;
-                    if start >= hi {
-                        break;
+                for (gi, grows) in self.row_groups(lo, hi) {
+                    self.scales[gi * d * 2..(gi + 1) * d * 2].convert_to_f32_slice(&mut sz[..2 * d]);
+                    for (c, p) in sz[..2 * d].chunks_exact(2).enumerate() {
+                        s[c] = p[0];
+                        z[c] = p[1];
                     }
-                    if end > lo {
-                        self.scales[gi * d * 2..(gi + 1) * d * 2].convert_to_f32_slice(&mut sz[..2 * d]);
-                        for (c, p) in sz[..2 * d].chunks_exact(2).enumerate() {
-                            s[c] = p[0];
-                            z[c] = p[1];
+                    for j in grows {
+                        unpack_row(&self.codes[j * self.row_bytes..(j + 1) * self.row_bytes], self.bits, row);
+                        for ((v, &s), &z) in row.iter_mut().zip(&s[..d]).zip(&z[..d]) {
+                            *v = *v * s + z;
                         }
-                        for j in start.max(lo)..end.min(hi) {
-                            unpack_row(&self.codes[j * self.row_bytes..(j + 1) * self.row_bytes], self.bits, row);
-                            for ((v, &s), &z) in row.iter_mut().zip(&s[..d]).zip(&z[..d]) {
-                                *v = *v * s + z;
-                            }
-                            f(j, row);
-                        }
+                        f(j, row);
                     }
-                    start = end;
                 }
             }
         }
@@ -261,6 +253,22 @@ impl QuantMatrix {
                 Layout::Token { group } => group.is_multiple_of(c),
                 Layout::Channel { .. } => true,
             }
+    }
+
+    /// `Channel`: the row groups holding some of the rows `lo..hi`, as (group index, its rows
+    /// among them).
+    #[inline(always)]
+    fn row_groups(&self, lo: usize, hi: usize) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> + '_ {
+        let mut start = 0;
+        self.group_rows
+            .iter()
+            .enumerate()
+            .map_while(move |(gi, &cnt)| {
+                let first = start;
+                start += cnt as usize;
+                (first < hi).then(|| (gi, first.max(lo)..start.min(hi)))
+            })
+            .filter(|(_, rows)| !rows.is_empty())
     }
 
     /// A `ScaleCursor` at the first row.
@@ -335,35 +343,27 @@ impl QuantMatrix {
                 let one = [1f32, 0.0];
                 let order = direct::LaneOrder::new(bits, d);
                 let mut base = [0f32; N];
-                let mut start = 0;
-                for (gi, &cnt) in self.group_rows.iter().enumerate() {
-                    let end = start + cnt as usize;
-                    if start >= hi {
-                        break;
+                for (gi, grows) in self.row_groups(lo, hi) {
+                    // SAFETY: as above.
+                    unsafe { K::f16s(&self.scales[gi * d * 2..(gi + 1) * d * 2], &mut sz[..2 * d]) };
+                    for (i, q) in qs.chunks_exact(d).enumerate() {
+                        for (x, &c) in qp[i * d..(i + 1) * d].iter_mut().zip(&order.perm) {
+                            *x = q[c as usize] * sz[2 * c as usize];
+                        }
+                        let mut t = 0f32;
+                        for (c, &x) in q.iter().enumerate() {
+                            t += x * sz[2 * c + 1];
+                        }
+                        base[i] = t;
                     }
-                    if end > lo {
+                    for j in grows {
+                        let codes = &self.codes[j * rb..(j + 1) * rb];
                         // SAFETY: as above.
-                        unsafe { K::f16s(&self.scales[gi * d * 2..(gi + 1) * d * 2], &mut sz[..2 * d]) };
-                        for (i, q) in qs.chunks_exact(d).enumerate() {
-                            for (x, &c) in qp[i * d..(i + 1) * d].iter_mut().zip(&order.perm) {
-                                *x = q[c as usize] * sz[2 * c as usize];
-                            }
-                            let mut t = 0f32;
-                            for (c, &x) in q.iter().enumerate() {
-                                t += x * sz[2 * c + 1];
-                            }
-                            base[i] = t;
-                        }
-                        for j in start.max(lo)..end.min(hi) {
-                            let codes = &self.codes[j * rb..(j + 1) * rb];
-                            // SAFETY: as above.
-                            unsafe { K::dot::<N>(bits, codes, &qp[..N * d], d, d, &one, &mut s) };
-                            for i in 0..n_q {
-                                out[i * stride + j - j0] = s[i] + base[i];
-                            }
+                        unsafe { K::dot::<N>(bits, codes, &qp[..N * d], d, d, &one, &mut s) };
+                        for i in 0..n_q {
+                            out[i * stride + j - j0] = s[i] + base[i];
                         }
                     }
-                    start = end;
                 }
             }
         }
@@ -435,37 +435,29 @@ impl QuantMatrix {
                 }
             }
             Layout::Channel { .. } => {
-                let mut start = 0;
-                for (gi, &cnt) in self.group_rows.iter().enumerate() {
-                    let end = start + cnt as usize;
-                    if start >= hi {
-                        break;
-                    }
-                    if end > lo {
-                        // SAFETY: as above.
-                        unsafe { K::f16s(&self.scales[gi * d * 2..(gi + 1) * d * 2], &mut sz[..2 * d]) };
-                        acc[..N * d].fill(0.0);
-                        let mut psum = [0f32; N];
-                        for j in start.max(lo)..end.min(hi) {
-                            let mut any = false;
-                            for i in 0..n_q {
-                                pj[i] = p[i * stride + j - j0];
-                                psum[i] += pj[i];
-                                any |= pj[i] != 0.0;
-                            }
-                            if any {
-                                // SAFETY: as above.
-                                unsafe { K::axpy::<N>(bits, &self.codes[j * rb..(j + 1) * rb], &pj, d, d, &mut acc[..N * d]) };
-                            }
+                for (gi, grows) in self.row_groups(lo, hi) {
+                    // SAFETY: as above.
+                    unsafe { K::f16s(&self.scales[gi * d * 2..(gi + 1) * d * 2], &mut sz[..2 * d]) };
+                    acc[..N * d].fill(0.0);
+                    let mut psum = [0f32; N];
+                    for j in grows {
+                        let mut any = false;
+                        for i in 0..n_q {
+                            pj[i] = p[i * stride + j - j0];
+                            psum[i] += pj[i];
+                            any |= pj[i] != 0.0;
                         }
-                        for (i, o) in out.chunks_exact_mut(d).enumerate() {
-                            for (&a, &c) in acc[i * d..(i + 1) * d].iter().zip(&order.perm) {
-                                let c = c as usize;
-                                o[c] += sz[2 * c] * a + sz[2 * c + 1] * psum[i];
-                            }
+                        if any {
+                            // SAFETY: as above.
+                            unsafe { K::axpy::<N>(bits, &self.codes[j * rb..(j + 1) * rb], &pj, d, d, &mut acc[..N * d]) };
                         }
                     }
-                    start = end;
+                    for (i, o) in out.chunks_exact_mut(d).enumerate() {
+                        for (&a, &c) in acc[i * d..(i + 1) * d].iter().zip(&order.perm) {
+                            let c = c as usize;
+                            o[c] += sz[2 * c] * a + sz[2 * c + 1] * psum[i];
+                        }
+                    }
                 }
             }
         }
