@@ -21,6 +21,9 @@
 //!
 //! `scores` and `weighted_values` work block by block on the packed data: each row's codes are
 //! unpacked into a stack buffer, never the whole cache, and nothing is allocated per call.
+//! Decoding's direct paths (`scores_direct`, `weighted_direct`) go further where the backbone
+//! allows (2, 4 or 8 bits, groups of whole 8-byte chunks): the kernels of `direct` multiply the
+//! codes themselves, with no dequantized row in between, and GEAR's terms follow per block.
 
 use anyhow::{bail, Result};
 use half::f16;
