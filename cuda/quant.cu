@@ -47,7 +47,24 @@
 // kv_gemv_naive (benchmark baseline): one thread per row, units read straight from global
 //   memory byte by byte, a runtime switch on the type.
 //
-// kv_gemm_<type> (prefill, tensor cores; same reference)
+// kv_gemm_q8_<type> for q8_0, q4_0, q4_1, q5_0, q5_1, q4_K, q5_K (prefill, int8 tensor cores;
+//   reference: reference::matmul on q8_roundtrip(x), as the integer GEMV)
+//   y = W . q8(x) with the arithmetic of the integer GEMV and of the CPU fast backend: x
+//   quantized per 32 values to int8 codes (quantize_x_q8's rounding), integer dot products per
+//   32 columns, scaled in f32. This is what makes prefill on the GPU agree with the CPU (and
+//   llama.cpp) where a top-1 margin is small: the f16 GEMM below rounds x differently.
+//   Block tile: KV_GEMM_TILE_ROWS weight rows x KV_GEMM_TILE_TOKENS tokens, K steps of
+//   KV_GEMM_TILE_K columns (4 units of 32). Per step thread i writes unit i % 4 of weight row
+//   i / 4 into shared memory as 32 int8 codes c and two factors a, b with w = a c + b
+//   (Q8Unit<TYPE>: the offset of q4_0 / q5_0 inside the codes, the minimum of q4_1 / q5_1 /
+//   K-quants in b), and unit i % 4 of token i / 4 as 32 int8 codes, d and d * sum(codes). The 8
+//   warps (4 x 2) each own 16 rows x 32 tokens: per unit, four mma.m16n8k32 s8 products giving
+//   s, the exact int32 dot product of 32 codes, scaled into f32 accumulators: acc += a (d_x s)
+//   + b (d_x sum of x's codes). Out-of-range rows, tokens and units are zero codes with zero
+//   factors. The output goes through shared memory as in the f16 GEMM. q6_K (two scales per 32
+//   columns) and the float types have no integer GEMM.
+//
+// kv_gemm_<type> (prefill, tensor cores, f16; reference: reference::matmul)
 //   Block tile: KV_GEMM_TILE_ROWS weight rows x KV_GEMM_TILE_TOKENS tokens, K steps of
 //   KV_GEMM_TILE_K columns. Per step each of the 256 threads dequantizes one unit (row i / 4,
 //   unit i % 4) into f16 in shared memory, and the x tile is converted to f16 beside it; the 8
@@ -969,6 +986,277 @@ __device__ __forceinline__ void gemm(const uint8_t* __restrict__ w, const float*
     }
 }
 
+// ---- Integer tensor-core GEMM of the quantized types (prefill; see the header comment) ----
+
+// Per type: unit u (32 columns) of a row as 32 int8 codes c (byte i of c[i / 4] is element i)
+// and two f32 factors with w[i] = a c[i] + b, the dequantization of quant.rs rewritten around
+// integer codes: q4_0 / q5_0 / q8_0 keep their offset in the codes (b = 0), q4_1 / q5_1 and the
+// K-quants keep it in b (their minimum, or -dmin m).
+template <int TYPE> struct Q8Unit;
+
+template <> struct Q8Unit<KV_TYPE_Q8_0> {
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
+        const uint8_t* blk = row + 34 * static_cast<size_t>(u);
+        a = ld_f16(blk);
+        b = 0.0f;
+        ld_words_2<8>(blk + 2, c);
+    }
+};
+
+template <> struct Q8Unit<KV_TYPE_Q4_0> {
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
+        const uint8_t* blk = row + 18 * static_cast<size_t>(u);
+        a = ld_f16(blk);
+        b = 0.0f;
+        uint32_t qs[4];
+        ld_words_2<4>(blk + 2, qs);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            c[k] = __vsub4(qs[k] & 0x0F0F0F0Fu, 0x08080808u);
+            c[k + 4] = __vsub4((qs[k] >> 4) & 0x0F0F0F0Fu, 0x08080808u);
+        }
+    }
+};
+
+template <> struct Q8Unit<KV_TYPE_Q4_1> {
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
+        uint32_t v[5];
+        ld_words_4<5>(row + 20 * static_cast<size_t>(u), v);
+        a = half_bits(v[0]);
+        b = half_bits(v[0] >> 16);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            c[k] = v[k + 1] & 0x0F0F0F0Fu;
+            c[k + 4] = (v[k + 1] >> 4) & 0x0F0F0F0Fu;
+        }
+    }
+};
+
+// The 5-bit codes of a q5 block: nibbles of qs plus the fifth bit of element j from bit j of qh.
+__device__ __forceinline__ void codes_q5(const uint32_t* qs, uint32_t qh, uint32_t (&c)[8]) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        c[k] = (qs[k] & 0x0F0F0F0Fu) | spread4(qh >> (4 * k));
+        c[k + 4] = ((qs[k] >> 4) & 0x0F0F0F0Fu) | spread4(qh >> (4 * k + 16));
+    }
+}
+
+template <> struct Q8Unit<KV_TYPE_Q5_0> {
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
+        const uint8_t* blk = row + 22 * static_cast<size_t>(u);
+        a = ld_f16(blk);
+        b = 0.0f;
+        uint32_t v[5];
+        ld_words_2<5>(blk + 2, v);
+        codes_q5(v + 1, v[0], c);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) c[k] = __vsub4(c[k], 0x10101010u);
+    }
+};
+
+template <> struct Q8Unit<KV_TYPE_Q5_1> {
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
+        const uint2* blk = reinterpret_cast<const uint2*>(row + 24 * static_cast<size_t>(u));
+        const uint2 h = __ldg(blk), q0 = __ldg(blk + 1), q1 = __ldg(blk + 2);
+        a = half_bits(h.x);
+        b = half_bits(h.x >> 16);
+        const uint32_t qs[4] = {q0.x, q0.y, q1.x, q1.y};
+        codes_q5(qs, h.y, c);
+    }
+};
+
+// q4_K sub-block s = u % 8 of super-block u / 8: chunk s / 2 of qs, low nibbles for even s.
+template <> struct Q8Unit<KV_TYPE_Q4_K> {
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
+        const uint8_t* blk = row + 144 * static_cast<size_t>(u / 8);
+        const uint32_t s = u % 8;
+        uint32_t head[4], qs[8];
+        ld_words_16<4>(blk, head);
+        ld_words_16<8>(blk + 16 + 32 * (s / 2), qs);
+        int sc, m;
+        scale_min_k4_words(s, head[1], head[2], head[3], sc, m);
+        a = __fmul_rn(half_bits(head[0]), static_cast<float>(sc));
+        b = -__fmul_rn(half_bits(head[0] >> 16), static_cast<float>(m));
+        const int shift = 4 * (s & 1);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) c[k] = (qs[k] >> shift) & 0x0F0F0F0Fu;
+    }
+};
+
+// q5_K: as q4_K, the fifth bit of element l of sub-block s in bit s of qh[l].
+template <> struct Q8Unit<KV_TYPE_Q5_K> {
+    static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
+        const uint8_t* blk = row + 176 * static_cast<size_t>(u / 8);
+        const uint32_t s = u % 8;
+        uint32_t head[4], qh[8], qs[8];
+        ld_words_16<4>(blk, head);
+        ld_words_16<8>(blk + 16, qh);
+        ld_words_16<8>(blk + 48 + 32 * (s / 2), qs);
+        int sc, m;
+        scale_min_k4_words(s, head[1], head[2], head[3], sc, m);
+        a = __fmul_rn(half_bits(head[0]), static_cast<float>(sc));
+        b = -__fmul_rn(half_bits(head[0] >> 16), static_cast<float>(m));
+        const int shift = 4 * (s & 1);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) c[k] = ((qs[k] >> shift) & 0x0F0F0F0Fu) | (((qh[k] >> s) & 0x01010101u) << 4);
+    }
+};
+
+// d[0..3] += A (16x32, row-major, int8) . B (32x8, column-major, int8), exact int32. Lane l =
+// 4 g + q holds a0 = A[g][4q..], a1 = A[g + 8][4q..], a2 = A[g][16 + 4q..], a3 = A[g + 8][16 +
+// 4q..], b0 = B[4q..][g], b1 = B[16 + 4q..][g], and gets D[g][2q], D[g][2q + 1], D[g + 8][2q],
+// D[g + 8][2q + 1].
+__device__ __forceinline__ void mma_s8_16x8x32(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int TYPE>
+__device__ __forceinline__ void gemm_q8(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,
+                                        const KvMatmulParams& p) {
+    constexpr int TR = KV_GEMM_TILE_ROWS;
+    constexpr int TT = KV_GEMM_TILE_TOKENS;
+    constexpr int TK = KV_GEMM_TILE_K;
+    constexpr int UNITS = TK / KV_UNIT_ELEMS;  // units per row per K step
+    constexpr int LDQ = TK + 16;               // bytes per tile row: 16-byte aligned, banks shifted by 4 words
+    constexpr int LDC = TT + 4;                // floats per row of the output staging
+    static_assert(TR * UNITS == KV_GEMM_THREADS && TT * UNITS == KV_GEMM_THREADS, "one unit of each tile per thread");
+    static_assert(TR * LDC * 4 <= (TR + TT) * LDQ, "the output staging fits in the code tiles");
+    __shared__ __align__(16) int8_t codes[(TR + TT) * LDQ];
+    __shared__ float wa[TR * UNITS], wb[TR * UNITS], xd[TT * UNITS], xs[TT * UNITS];
+    int8_t* Aq = codes;             // [TR][LDQ]: W codes, row-major
+    int8_t* Bq = codes + TR * LDQ;  // [TT][LDQ]: x codes, token-major
+    float* Cs = reinterpret_cast<float*>(codes);  // [TR][LDC], after the K loop
+
+    const int tid = threadIdx.x;
+    const int lane = tid % kWarpSize;
+    const int warp = tid / kWarpSize;
+    const int g = lane / 4;
+    const int q = lane % 4;
+    const int wr = warp % 4;  // 16-row slice of the tile
+    const int wc = warp / 4;  // 32-token slice of the tile
+    const uint32_t r0 = blockIdx.x * TR;
+    const uint32_t t0 = blockIdx.y * TT;
+    const uint32_t n_units = p.n_cols / KV_UNIT_ELEMS;
+    const int tile_row = tid / UNITS;
+    const int tile_unit = tid % UNITS;
+
+    float acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+    }
+
+    for (uint32_t u0 = 0; u0 < n_units; u0 += UNITS) {
+        const uint32_t u = u0 + tile_unit;
+        __syncthreads();
+        {
+            // W: unit u of row r0 + tile_row.
+            const uint32_t row = r0 + tile_row;
+            uint32_t c[8];
+            float a = 0.0f, b = 0.0f;
+            if (row < p.n_rows && u < n_units) {
+                Q8Unit<TYPE>::load(w + static_cast<size_t>(row) * p.row_bytes, u, c, a, b);
+            } else {
+#pragma unroll
+                for (int k = 0; k < 8; ++k) c[k] = 0;
+            }
+            int4* dst = reinterpret_cast<int4*>(Aq + tile_row * LDQ + tile_unit * KV_UNIT_ELEMS);
+            dst[0] = make_int4(c[0], c[1], c[2], c[3]);
+            dst[1] = make_int4(c[4], c[5], c[6], c[7]);
+            wa[tile_row * UNITS + tile_unit] = a;
+            wb[tile_row * UNITS + tile_unit] = b;
+        }
+        {
+            // x: token t0 + tile_row's 32 values of unit u, quantized as quantize_x_q8 does.
+            const uint32_t tok = t0 + tile_row;
+            uint32_t packed[8];
+            float d = 0.0f;
+            int sum = 0;
+            if (tok < p.n_tokens && u < n_units) {
+                // Two passes over the 128 bytes (the second from L1), so that 32 values are never
+                // live in registers at once.
+                const float4* src = reinterpret_cast<const float4*>(x + static_cast<size_t>(tok) * p.n_cols + static_cast<size_t>(u) * KV_UNIT_ELEMS);
+                float amax = 0.0f;
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    const float4 f = __ldg(src + k);
+                    amax = fmaxf(amax, fmaxf(fmaxf(fabsf(f.x), fabsf(f.y)), fmaxf(fabsf(f.z), fabsf(f.w))));
+                }
+                const float id = amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    const float4 f = __ldg(src + k);
+                    const int q0 = __float2int_rn(__fmul_rn(f.x, id)), q1 = __float2int_rn(__fmul_rn(f.y, id));
+                    const int q2 = __float2int_rn(__fmul_rn(f.z, id)), q3 = __float2int_rn(__fmul_rn(f.w, id));
+                    sum += q0 + q1 + q2 + q3;
+                    packed[k] = (static_cast<uint32_t>(q0) & 0xFFu) | ((static_cast<uint32_t>(q1) & 0xFFu) << 8) |
+                                ((static_cast<uint32_t>(q2) & 0xFFu) << 16) | (static_cast<uint32_t>(q3) << 24);
+                }
+                d = __half2float(__float2half_rn(__fdiv_rn(amax, 127.0f)));
+            } else {
+#pragma unroll
+                for (int k = 0; k < 8; ++k) packed[k] = 0;
+            }
+            int4* dst = reinterpret_cast<int4*>(Bq + tile_row * LDQ + tile_unit * KV_UNIT_ELEMS);
+            dst[0] = make_int4(packed[0], packed[1], packed[2], packed[3]);
+            dst[1] = make_int4(packed[4], packed[5], packed[6], packed[7]);
+            xd[tile_row * UNITS + tile_unit] = d;
+            xs[tile_row * UNITS + tile_unit] = d * static_cast<float>(sum);
+        }
+        __syncthreads();
+        // Not unrolled: one unit's fragments at a time keep the kernel within 128 registers.
+#pragma unroll 1
+        for (int k = 0; k < UNITS; ++k) {
+            const int ra = wr * 16 + g;
+            const int8_t* ap = Aq + ra * LDQ + k * KV_UNIT_ELEMS + 4 * q;
+            const uint32_t af[4] = {
+                *reinterpret_cast<const uint32_t*>(ap),
+                *reinterpret_cast<const uint32_t*>(ap + 8 * LDQ),
+                *reinterpret_cast<const uint32_t*>(ap + 16),
+                *reinterpret_cast<const uint32_t*>(ap + 8 * LDQ + 16),
+            };
+            const float a0 = wa[ra * UNITS + k], b0 = wb[ra * UNITS + k];
+            const float a1 = wa[(ra + 8) * UNITS + k], b1 = wb[(ra + 8) * UNITS + k];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int tb = wc * 32 + j * 8;
+                const int8_t* bp = Bq + (tb + g) * LDQ + k * KV_UNIT_ELEMS + 4 * q;
+                int dsum[4] = {0, 0, 0, 0};
+                mma_s8_16x8x32(dsum, af, *reinterpret_cast<const uint32_t*>(bp), *reinterpret_cast<const uint32_t*>(bp + 16));
+                const int tc = tb + 2 * q;
+                const float d0 = xd[tc * UNITS + k], s0 = xs[tc * UNITS + k];
+                const float d1 = xd[(tc + 1) * UNITS + k], s1 = xs[(tc + 1) * UNITS + k];
+                acc[j][0] += a0 * (d0 * static_cast<float>(dsum[0])) + b0 * s0;
+                acc[j][1] += a0 * (d1 * static_cast<float>(dsum[1])) + b0 * s1;
+                acc[j][2] += a1 * (d0 * static_cast<float>(dsum[2])) + b1 * s0;
+                acc[j][3] += a1 * (d1 * static_cast<float>(dsum[3])) + b1 * s1;
+            }
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int rr = wr * 16 + g;
+        const int tc = wc * 32 + j * 8 + 2 * q;
+        Cs[rr * LDC + tc] = acc[j][0];
+        Cs[rr * LDC + tc + 1] = acc[j][1];
+        Cs[(rr + 8) * LDC + tc] = acc[j][2];
+        Cs[(rr + 8) * LDC + tc + 1] = acc[j][3];
+    }
+    __syncthreads();
+    for (int i = tid; i < TR * TT; i += KV_GEMM_THREADS) {
+        const int tr = i % TR;
+        const int tt = i / TR;
+        if (r0 + tr < p.n_rows && t0 + tt < p.n_tokens) {
+            y[static_cast<size_t>(t0 + tt) * p.n_rows + r0 + tr] = Cs[tr * LDC + tt];
+        }
+    }
+}
+
 }  // namespace kv
 
 // GEMV kernels: the staged f32 GEMV for the float types, the integer GEMV for the quantized ones.
@@ -991,19 +1279,27 @@ __device__ __forceinline__ void gemm(const uint8_t* __restrict__ w, const float*
         kv::gemm<TYPE>(w, x, y, p);                                                                         \
     }
 
+#define KV_GEMM_Q8_KERNEL(NAME, TYPE)                                                                       \
+    extern "C" __global__ void __launch_bounds__(KV_GEMM_THREADS, 2)                                       \
+        kv_gemm_q8_##NAME(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y, \
+                          KvMatmulParams p) {                                                               \
+        kv::gemm_q8<TYPE>(w, x, y, p);                                                                      \
+    }
+
 #define KV_FLOAT_KERNELS(NAME, TYPE) KV_GEMV_KERNELS(NAME, TYPE, gemv, KV_GEMV_WARPS * 32) KV_GEMM_KERNEL(NAME, TYPE)
 #define KV_QUANT_KERNELS(NAME, TYPE) KV_GEMV_KERNELS(NAME, TYPE, gemv_q8, KV_GEMV_Q8_WARPS * 32) KV_GEMM_KERNEL(NAME, TYPE)
+#define KV_QUANT_KERNELS_MMQ(NAME, TYPE) KV_QUANT_KERNELS(NAME, TYPE) KV_GEMM_Q8_KERNEL(NAME, TYPE)
 
 KV_FLOAT_KERNELS(f32, KV_TYPE_F32)
 KV_FLOAT_KERNELS(f16, KV_TYPE_F16)
 KV_FLOAT_KERNELS(bf16, KV_TYPE_BF16)
-KV_QUANT_KERNELS(q8_0, KV_TYPE_Q8_0)
-KV_QUANT_KERNELS(q4_0, KV_TYPE_Q4_0)
-KV_QUANT_KERNELS(q4_1, KV_TYPE_Q4_1)
-KV_QUANT_KERNELS(q5_0, KV_TYPE_Q5_0)
-KV_QUANT_KERNELS(q5_1, KV_TYPE_Q5_1)
-KV_QUANT_KERNELS(q4_k, KV_TYPE_Q4_K)
-KV_QUANT_KERNELS(q5_k, KV_TYPE_Q5_K)
+KV_QUANT_KERNELS_MMQ(q8_0, KV_TYPE_Q8_0)
+KV_QUANT_KERNELS_MMQ(q4_0, KV_TYPE_Q4_0)
+KV_QUANT_KERNELS_MMQ(q4_1, KV_TYPE_Q4_1)
+KV_QUANT_KERNELS_MMQ(q5_0, KV_TYPE_Q5_0)
+KV_QUANT_KERNELS_MMQ(q5_1, KV_TYPE_Q5_1)
+KV_QUANT_KERNELS_MMQ(q4_k, KV_TYPE_Q4_K)
+KV_QUANT_KERNELS_MMQ(q5_k, KV_TYPE_Q5_K)
 KV_QUANT_KERNELS(q6_k, KV_TYPE_Q6_K)
 
 extern "C" __global__ void __launch_bounds__(KV_GEMV_NAIVE_THREADS)

@@ -487,6 +487,8 @@ mod tests {
             "kv_gemv_q4_0_t1",
             "kv_gemv_q4_k_t4",
             "kv_gemm_q6_k",
+            "kv_gemm_q8_q4_0",
+            "kv_gemm_q8_q5_k",
             "kv_embed",
             "kv_attn_decode_d128",
             "kv_attn_decode_d128_mass",

@@ -107,8 +107,9 @@ struct ModelKernels {
     add_bias: CudaFunction,
     gather_rows: CudaFunction,
     scatter_rows: CudaFunction,
-    /// Per GGML type id: (GEMV for 1 token, GEMV for up to KV_GEMV_MAX_TOKENS, tensor-core GEMM).
-    matmul: HashMap<u32, (CudaFunction, CudaFunction, CudaFunction)>,
+    /// Per GGML type id: (GEMV for 1 token, GEMV for up to KV_GEMV_MAX_TOKENS, f16 tensor-core
+    /// GEMM, integer tensor-core GEMM for the types of `quant::gemm_is_integer`).
+    matmul: HashMap<u32, (CudaFunction, CudaFunction, CudaFunction, Option<CudaFunction>)>,
     gemv_naive: CudaFunction,
     embed: CudaFunction,
     /// Per head_dim: (decode, decode with mass, prefill, prefill with mass).
@@ -198,6 +199,7 @@ impl CudaRuntime {
                 load(&format!("kv_gemv_{name}_t1"))?,
                 load(&format!("kv_gemv_{name}_t4"))?,
                 load(&format!("kv_gemm_{name}"))?,
+                if quant::gemm_is_integer(ty) { Some(load(&format!("kv_gemm_q8_{name}"))?) } else { None },
             );
             if quant::gemv_is_integer(ty) {
                 for g in [&f.0, &f.1] {

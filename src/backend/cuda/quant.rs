@@ -1,5 +1,5 @@
 //! Weights on the device in their GGUF block format, and the launches of `cuda/quant.cu`:
-//! dequantizing GEMV (decode), tensor-core GEMM (prefill), the naive GEMV baseline and the
+//! integer GEMV (decode), tensor-core GEMMs (prefill: int8 or f16), the naive GEMV baseline and the
 //! embedding lookup. Each matches `backend::cpu::reference::matmul` / `Tensor::dequantize_row`.
 
 use anyhow::{bail, Context, Result};
@@ -36,6 +36,14 @@ pub(super) fn gemv_is_integer(ty: GgmlType) -> bool {
     !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
 }
 
+/// Whether the prefill GEMM of `ty` is the integer one (`kv_gemm_q8_*`: codes times 8-bit
+/// activations on int8 tensor cores, as the integer GEMV computes them), as opposed to the f16 one
+/// over dequantized tiles that the float types and q6_K use (q6_K's two scales per 32 columns do
+/// not fit one int8 product).
+pub(super) fn gemm_is_integer(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K)
+}
+
 /// Dynamic shared memory of one integer-GEMV block for `n_tokens` tokens of `n_cols` columns:
 /// the int8 codes, then one `KvQ8Sum` per 32 columns (ffi/quant.h).
 pub(super) fn gemv_q8_smem_bytes(n_cols: usize, n_tokens: usize) -> usize {
@@ -64,8 +72,12 @@ pub enum MatmulKernel {
     Auto,
     /// The GEMV, in groups of up to KV_GEMV_MAX_TOKENS tokens.
     Gemv,
-    /// The tensor-core GEMM whatever the token count.
+    /// The prefill's tensor-core GEMM whatever the token count: the integer one where the type
+    /// has it (`gemm_is_integer`), else the f16 one.
     Gemm,
+    /// The f16 tensor-core GEMM over dequantized tiles whatever the type and token count: the
+    /// baseline the integer GEMM is measured against.
+    GemmF16,
     /// The one-thread-per-row baseline.
     Naive,
 }
@@ -129,7 +141,8 @@ impl CudaRuntime {
     {
         let k = match kernel {
             MatmulKernel::Naive => "kv_gemv_naive",
-            MatmulKernel::Gemm => "kv_gemm",
+            MatmulKernel::Gemm if gemm_is_integer(w.ty) => "kv_gemm_q8",
+            MatmulKernel::Gemm | MatmulKernel::GemmF16 => "kv_gemm",
             _ => "kv_gemv",
         };
         check_len(k, "x", x.len(), n_tokens * w.n_cols)?;
@@ -144,7 +157,7 @@ impl CudaRuntime {
         if xp % 16 != 0 || op % 16 != 0 || wp % 16 != 0 {
             bail!("{k} ({}): x, out and the weights must be 16-byte aligned", w.name);
         }
-        let (t1, t4, gemm) = self.model.matmul.get(&w.ty.id()).with_context(|| format!("{k}: no kernel for type {}", w.ty))?;
+        let (t1, t4, gemm_f16, gemm_q8) = self.model.matmul.get(&w.ty.id()).with_context(|| format!("{k}: no kernel for type {}", w.ty))?;
         let params = |n: usize| -> Result<KvMatmulParams> {
             Ok(KvMatmulParams {
                 n_rows: to_u32(k, "n_rows", w.n_rows)?,
@@ -157,7 +170,7 @@ impl CudaRuntime {
         let max_gemv = KV_GEMV_MAX_TOKENS as usize;
         let use_gemm = match kernel {
             MatmulKernel::Auto => n_tokens > max_gemv,
-            MatmulKernel::Gemm => true,
+            MatmulKernel::Gemm | MatmulKernel::GemmF16 => true,
             _ => false,
         };
         if kernel == MatmulKernel::Naive {
@@ -185,6 +198,10 @@ impl CudaRuntime {
             if cfg.grid_dim.1 > 65_535 {
                 bail!("{k}: {n_tokens} tokens exceed the grid's y limit");
             }
+            let gemm = match gemm_q8 {
+                Some(f) if kernel != MatmulKernel::GemmF16 => f,
+                _ => gemm_f16,
+            };
             let mut launch = stream.launch_builder(gemm);
             launch.arg(&wp).arg(&xp).arg(&op).arg(&p);
             // SAFETY: as above.
@@ -506,6 +523,105 @@ mod emulation {
                 }
             }
         }
+    }
+
+    /// Q8Unit<TYPE>::load for 32-column unit `u` of the row starting at `row`: the codes (element
+    /// i in byte i % 4 of word i / 4) and the factors a, b with w = a c + b.
+    fn gemm_unit(ty: GgmlType, m: &Mem, row: usize, u: usize) -> ([u32; 8], f32, f32) {
+        let mut c = [0u32; 8];
+        let (a, b) = match ty {
+            GgmlType::Q8_0 => {
+                let blk = row + 34 * u;
+                c.copy_from_slice(&m.words_2(blk + 2, 8));
+                (f16_bits(m.u16_at(blk)), 0.0)
+            }
+            GgmlType::Q4_0 => {
+                let blk = row + 18 * u;
+                let qs = m.words_2(blk + 2, 4);
+                for k in 0..4 {
+                    c[k] = vsub4(qs[k] & 0x0F0F_0F0F, 0x0808_0808);
+                    c[k + 4] = vsub4((qs[k] >> 4) & 0x0F0F_0F0F, 0x0808_0808);
+                }
+                (f16_bits(m.u16_at(blk)), 0.0)
+            }
+            GgmlType::Q4_1 => {
+                let v = m.words_a(row + 20 * u, 5, 4);
+                for k in 0..4 {
+                    c[k] = v[k + 1] & 0x0F0F_0F0F;
+                    c[k + 4] = (v[k + 1] >> 4) & 0x0F0F_0F0F;
+                }
+                (f16_bits(v[0]), f16_bits(v[0] >> 16))
+            }
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                let (a, b, qh, qs) = if ty == GgmlType::Q5_0 {
+                    let blk = row + 22 * u;
+                    let v = m.words_2(blk + 2, 5);
+                    (f16_bits(m.u16_at(blk)), 0.0, v[0], v[1..].to_vec())
+                } else {
+                    let v = m.words_a(row + 24 * u, 6, 8);
+                    (f16_bits(v[0]), f16_bits(v[0] >> 16), v[1], v[2..].to_vec())
+                };
+                for k in 0..4 {
+                    c[k] = (qs[k] & 0x0F0F_0F0F) | spread4(qh >> (4 * k));
+                    c[k + 4] = ((qs[k] >> 4) & 0x0F0F_0F0F) | spread4(qh >> (4 * k + 16));
+                }
+                if ty == GgmlType::Q5_0 {
+                    c.iter_mut().for_each(|w| *w = vsub4(*w, 0x1010_1010));
+                }
+                (a, b)
+            }
+            GgmlType::Q4K | GgmlType::Q5K => {
+                let five = ty == GgmlType::Q5K;
+                let blk = row + if five { 176 } else { 144 } * (u / 8);
+                let s = u % 8;
+                let head = m.words_a(blk, 4, 16);
+                let qh = if five { m.words_a(blk + 16, 8, 16) } else { vec![0; 8] };
+                let qs = m.words_a(blk + if five { 48 } else { 16 } + 32 * (s / 2), 8, 16);
+                let (sc, mn) = scale_min(s, &head[1..]);
+                for k in 0..8 {
+                    c[k] = ((qs[k] >> (4 * (s & 1))) & 0x0F0F_0F0F) | (((qh[k] >> s) & 0x0101_0101) << 4);
+                }
+                (f16_bits(head[0]) * sc as f32, -(f16_bits(head[0] >> 16) * mn as f32))
+            }
+            _ => unreachable!("no integer GEMM for {ty}"),
+        };
+        (c, a, b)
+    }
+
+    /// The integer GEMM's units give back the dequantized weights exactly: a c + b, with one
+    /// product and one sum rounded as `dequantize` rounds them.
+    #[test]
+    fn gemm_units_reproduce_the_dequantized_weights() {
+        let mut rng = Rng::new(0x51ed270b27a2d1f3);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q5K] {
+            assert!(super::gemm_is_integer(ty), "{ty}");
+            for n_cols in [576usize, 512, 768] {
+                if n_cols % ty.block_elems() != 0 {
+                    continue;
+                }
+                let n_rows = 3;
+                let rb = ty.row_bytes(n_cols).unwrap();
+                let mut mem = vec![0u8; (rb * n_rows).div_ceil(16) * 16 + 16];
+                let w = rng.vec_uniform(n_rows * n_cols, -1.0, 1.0);
+                for r in 0..n_rows {
+                    quantize(ty, &w[r * n_cols..(r + 1) * n_cols], &mut mem[r * rb..(r + 1) * rb]).unwrap();
+                }
+                let mem = Mem(mem);
+                for r in 0..n_rows {
+                    let mut row = vec![0.0f32; n_cols];
+                    dequantize(ty, &mem.0[r * rb..(r + 1) * rb], &mut row).unwrap();
+                    for u in 0..n_cols / 32 {
+                        let (c, a, b) = gemm_unit(ty, &mem, r * rb, u);
+                        for i in 0..32 {
+                            let code = f32::from((c[i / 4] >> (8 * (i % 4))) as u8 as i8);
+                            let got = code * a + b;
+                            assert_eq!(got, row[32 * u + i], "{ty} {n_cols} cols row {r} unit {u} element {i}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(!super::gemm_is_integer(GgmlType::Q6K) && !super::gemm_is_integer(GgmlType::F16));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use super::attention::AttnKernel;
 use super::backend::Cuda;
 use super::kv::DeviceCodec;
 use super::kv_fp16::Fp16DeviceCodec;
-use super::quant::{gemv_is_integer, q8_roundtrip, MatmulKernel};
+use super::quant::{gemm_is_integer, gemv_is_integer, q8_roundtrip, MatmulKernel};
 use super::selftest::{bench_line, compare, time, time_stream, BenchLine, Outcome, SplitMix64, Tester, Tolerance};
 use super::CudaRuntime;
 use crate::backend::cpu::{reference, Cpu};
@@ -36,8 +36,14 @@ pub const GEMV_TOL: f64 = 1e-5;
 /// output is within `Q8_X_BOUND * sum_blocks amax_b * sum_i |w_i|` of the exact product
 /// (1/254 + 2^-11 = 0.0044; 0.0045 covers the f32 arithmetic), plus GEMV_TOL.
 pub const Q8_X_BOUND: f64 = 0.0045;
-/// GEMM: W and x are rounded to f16 (2^-11 relative each) before the tensor-core products;
-/// accumulation is f32. Two roundings per product: <= 2^-10 = 9.8e-4 of sum |w x| in the worst
+/// Integer GEMM (prefill of the types of `gemm_is_integer`): `W . q8(x)` like the integer GEMV,
+/// checked against `reference::matmul` on q8(x), but each output sums its n_cols / 32 scaled
+/// block products one after another in f32 (no tree): up to (n_cols / 32 + 3) 2^-24 of sum |w x|,
+/// 2.1e-5 at n_cols 11008. 3e-5 covers that worst case. The Q8_X_BOUND check applies as for the
+/// GEMV.
+pub const GEMM_Q8_TOL: f64 = 3e-5;
+/// f16 GEMM (the float types and q6_K, and `MatmulKernel::GemmF16`): W and x are rounded to f16
+/// (2^-11 relative each) before the tensor-core products; accumulation is f32. Two roundings per product: <= 2^-10 = 9.8e-4 of sum |w x| in the worst
 /// case (all errors aligned); 2e-3 leaves a 2x margin.
 pub const GEMM_TOL: f64 = 2e-3;
 /// embed: the same dequantization arithmetic on both sides: exact.
@@ -52,9 +58,9 @@ pub const ATTN_TOL: Tolerance = Tolerance { atol: 2e-5, rtol: 0.0 };
 /// reference's (f32 exp and division): atol 1e-5 plus 1e-5 relative for large sums.
 pub const MASS_TOL: Tolerance = Tolerance { atol: 1e-5, rtol: 1e-5 };
 /// Whole model (synthetic, 2 layers): CUDA logits against the reference backend's, relative to
-/// the largest |logit| of the row. Prefill goes through the f16 GEMM (~1e-3 of sum |w x| per
-/// product, compounded over 7 matrices per layer), and decode through the integer GEMV, whose
-/// 8-bit activations move each value by up to amax/254 (Q8_X_BOUND) before every matrix. The CPU
+/// the largest |logit| of the row. Prefill goes through the integer GEMM (the q6_K output
+/// through the f16 one, ~1e-3 of sum |w x| per product), and decode through the integer GEMV;
+/// their 8-bit activations move each value by up to amax/254 (Q8_X_BOUND) before every matrix. The CPU
 /// fast backend quantizes activations the same way: on this model (q4_0, q6_K output, 40 prompt
 /// + 12 decoded tokens, fp16 and h2o, seeds 0..6) it is 1.0e-2 to 1.6e-2 of the row scale from
 /// the reference, so 3e-2 (2x the largest seen). The top-1 token must also agree wherever the
@@ -94,9 +100,13 @@ impl Tester<'_> {
     fn matmul_case(&mut self, ty: GgmlType, n_rows: usize, n_cols: usize, n_tokens: usize, kernel: MatmulKernel) -> Result<Outcome> {
         let w = random_weight(&mut self.rng, ty, n_rows, n_cols)?;
         let x = self.rng.vec(n_tokens * n_cols, -1.0, 1.0);
-        let gemm = kernel == MatmulKernel::Gemm || (kernel == MatmulKernel::Auto && n_tokens > 4);
-        // The integer GEMV's oracle is the product with x as it quantizes it (see Q8_X_BOUND).
-        let integer = !gemm && kernel != MatmulKernel::Naive && gemv_is_integer(ty);
+        let gemm = matches!(kernel, MatmulKernel::Gemm | MatmulKernel::GemmF16) || (kernel == MatmulKernel::Auto && n_tokens > 4);
+        // The integer kernels' oracle is the product with x as they quantize it (see Q8_X_BOUND).
+        let integer = if gemm {
+            kernel != MatmulKernel::GemmF16 && gemm_is_integer(ty)
+        } else {
+            kernel != MatmulKernel::Naive && gemv_is_integer(ty)
+        };
         let x_ref = if integer { q8_roundtrip(&x) } else { x.clone() };
         let mut want = vec![0.0f32; n_tokens * n_rows];
         reference::matmul(&w, &x_ref, n_tokens, &mut want)?;
@@ -125,7 +135,11 @@ impl Tester<'_> {
         let mut out = self.rt.upload(&vec![f32::NAN; n_tokens * n_rows + 64])?;
         self.rt.matmul(&dw, &dx, n_tokens, &mut out, kernel)?;
         let got = self.rt.download(&out)?;
-        let tol = if gemm { GEMM_TOL } else { GEMV_TOL };
+        let tol = match (gemm, integer) {
+            (true, true) => GEMM_Q8_TOL,
+            (true, false) => GEMM_TOL,
+            _ => GEMV_TOL,
+        };
         let mut o = compare_scaled(&got[..n_tokens * n_rows], &want, &scale, tol);
         if o.problem.is_none() && got[n_tokens * n_rows..].iter().any(|v| !v.is_nan()) {
             o.problem = Some("write past the end of out".into());
@@ -251,7 +265,7 @@ impl Tester<'_> {
 /// Runs the whole-model kernel checks; each case becomes a line.
 pub(super) fn run_model_checks(t: &mut Tester) {
     use GgmlType::*;
-    use MatmulKernel::{Auto, Gemm, Gemv, Naive};
+    use MatmulKernel::{Auto, Gemm, GemmF16, Gemv, Naive};
     let all = [F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4K, Q5K, Q6K];
     for ty in all {
         for &(rows, cols, tokens, kernel) in &[(1, 256, 1, Gemv), (37, 512, 3, Gemv), (65, 768, 4, Gemv), (70, 512, 9, Gemm), (8, 256, 2, Naive)] {
@@ -263,6 +277,15 @@ pub(super) fn run_model_checks(t: &mut Tester) {
         t.record("matmul", format!("{ty} 192x576, 1 token, Gemv"), |t| t.matmul_case(ty, 192, 576, 1, Gemv));
         t.record("matmul", format!("{ty} 1536x576, 64 tokens, Gemm"), |t| t.matmul_case(ty, 1536, 576, 64, Gemm));
     }
+    // The f16 GEMM of the quantized types (the integer GEMM's baseline in --bench), and the
+    // integer GEMM on tiles cut at every edge: rows, tokens and the K step (576 = 4.5 steps).
+    for ty in [Q4_0, Q4_1, Q4K] {
+        t.record("matmul", format!("{ty} 70x512, 9 tokens, GemmF16"), |t| t.matmul_case(ty, 70, 512, 9, GemmF16));
+    }
+    for ty in [Q4_0, Q4_1, Q8_0, Q5_0, Q5_1] {
+        t.record("matmul", format!("{ty} 130x576, 67 tokens, Gemm"), |t| t.matmul_case(ty, 130, 576, 67, Gemm));
+    }
+    t.record("matmul", "q4_K 100x768, 5 tokens, Gemm".into(), |t| t.matmul_case(Q4K, 100, 768, 5, Gemm));
     // Rows of an odd number of blocks (rows start 2 bytes past a 4-byte boundary for the 2-byte
     // aligned block types), and rows so long that a launch holds fewer than 4 tokens' quantized x
     // in shared memory on every current GPU (the wrapper splits the tokens).
@@ -458,9 +481,18 @@ pub(super) fn microbench_model(rt: &CudaRuntime, iters: usize, seed: u64, lines:
         let mut y = rt.zeros::<f32>(rows * tokens)?;
         let moved = (w.n_rows * w.row_bytes + 4 * tokens * (cols + rows)) as u64;
         let gemm = time(rt, iters.min(20), || rt.matmul(&w, &x, tokens, &mut y, MatmulKernel::Gemm))?;
+        let gemm_f16 = time(rt, iters.min(20), || rt.matmul(&w, &x, tokens, &mut y, MatmulKernel::GemmF16))?;
         let gemv = time(rt, 3, || rt.matmul(&w, &x, tokens, &mut y, MatmulKernel::Gemv))?;
-        let tflops = 2.0 * (rows * cols * tokens) as f64 / (gemm.0 * 1e-3) / 1e12;
-        lines.push(bench_line("gemm", format!("{ty} {rows}x{cols} x {tokens} tok ({tflops:.1} TFLOP/s)"), moved, iters.min(20), gemm, None));
+        let tflops = |t: f64| 2.0 * (rows * cols * tokens) as f64 / (t * 1e-3) / 1e12;
+        lines.push(bench_line(
+            "gemm",
+            format!("{ty} {rows}x{cols} x {tokens} tok, int8 ({:.1} TOP/s, {:.2}x the f16 GEMM's time)", tflops(gemm.0), gemm.0 / gemm_f16.0),
+            moved,
+            iters.min(20),
+            gemm,
+            None,
+        ));
+        lines.push(bench_line("gemm_f16", format!("{ty} {rows}x{cols} x {tokens} tok ({:.1} TFLOP/s)", tflops(gemm_f16.0)), moved, iters.min(20), gemm_f16, None));
         lines.push(bench_line("gemm_via_gemv", format!("{ty} {rows}x{cols} x {tokens} tok"), moved, 3, gemv, None));
     }
     let (n_heads, n_kv, hd, len) = (32usize, 32usize, 128usize, 4096usize);
