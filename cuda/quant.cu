@@ -50,14 +50,15 @@
 // kv_gemm_q8_<type> for q8_0, q4_0, q4_1, q5_0, q5_1, q4_K, q5_K (prefill, int8 tensor cores;
 //   reference: reference::matmul on q8_roundtrip(x), as the integer GEMV)
 //   y = W . q8(x) with the arithmetic of the integer GEMV and of the CPU fast backend: x
-//   quantized per 32 values to int8 codes (quantize_x_q8's rounding), integer dot products per
-//   32 columns, scaled in f32. This is what makes prefill on the GPU agree with the CPU (and
+//   quantized per 32 values to int8 codes (quantize_x_q8's rounding, once per product by
+//   kv_quantize_q8 into the runtime's scratch), integer dot products per 32 columns, scaled in
+//   f32. This is what makes prefill on the GPU agree with the CPU (and
 //   llama.cpp) where a top-1 margin is small: the f16 GEMM below rounds x differently.
 //   Block tile: KV_GEMM_TILE_ROWS weight rows x KV_GEMM_TILE_TOKENS tokens, K steps of
 //   KV_GEMM_TILE_K columns (4 units of 32). Per step thread i writes unit i % 4 of weight row
 //   i / 4 into shared memory as 32 int8 codes c and two factors a, b with w = a c + b
 //   (Q8Unit<TYPE>: the offset of q4_0 / q5_0 inside the codes, the minimum of q4_1 / q5_1 /
-//   K-quants in b), and unit i % 4 of token i / 4 as 32 int8 codes, d and d * sum(codes). The 8
+//   K-quants in b), and copies unit i % 4 of token i / 4's codes, d and d * sum(codes). The 8
 //   warps (4 x 2) each own 16 rows x 32 tokens: per unit, four mma.m16n8k32 s8 products giving
 //   s, the exact int32 dot product of 32 codes, scaled into f32 accumulators: acc += a (d_x s)
 //   + b (d_x sum of x's codes). Out-of-range rows, tokens and units are zero codes with zero
@@ -739,12 +740,13 @@ template <> struct Q8Gemv<KV_TYPE_Q6_K> {
     }
 };
 
-// Quantizes x [n_tokens, n_cols] into shared memory: codes xq [n_tokens, n_cols] and sums xs
-// [n_tokens, n_cols / 32], one thread per 32-block, as the CPU fast backend's quantize_q8 does:
-// q = rint(x * (127 / amax)), d = f16(amax / 127), sum = sum of q.
-__device__ __forceinline__ void quantize_x_q8(const float* __restrict__ x, uint32_t n_cols, uint32_t n_tokens, int8_t* xq, KvQ8Sum* xs) {
+// Quantizes x [n_tokens, n_cols] into codes xq [n_tokens, n_cols] and sums xs [n_tokens,
+// n_cols / 32], one 32-block per thread (blocks first, first + stride, ...), as the CPU fast
+// backend's quantize_q8 does: q = rint(x * (127 / amax)), d = f16(amax / 127), sum = sum of q.
+__device__ __forceinline__ void quantize_x_q8(const float* __restrict__ x, uint32_t n_cols, uint32_t n_tokens, int8_t* xq, KvQ8Sum* xs,
+                                              uint32_t first, uint32_t stride) {
     const uint32_t nb = n_cols / KV_UNIT_ELEMS;
-    for (uint32_t i = threadIdx.x; i < n_tokens * nb; i += blockDim.x) {
+    for (uint32_t i = first; i < n_tokens * nb; i += stride) {
         const uint32_t t = i / nb;
         const uint32_t b = i % nb;
         const float4* src = reinterpret_cast<const float4*>(x + static_cast<size_t>(t) * n_cols + KV_UNIT_ELEMS * b);
@@ -825,7 +827,7 @@ __device__ __forceinline__ void gemv_q8(const uint8_t* __restrict__ w, const flo
     if (row0 < p.n_rows) {
         load_step(rows, 0, cur);
     }
-    quantize_x_q8(x, p.n_cols, n_tokens, xq, xs);
+    quantize_x_q8(x, p.n_cols, n_tokens, xq, xs, threadIdx.x, blockDim.x);
     __syncthreads();
     while (row0 < p.n_rows) {
         const uint32_t next_group = group + gridDim.x;
@@ -990,11 +992,13 @@ __device__ __forceinline__ void gemm(const uint8_t* __restrict__ w, const float*
 
 // Per type: unit u (32 columns) of a row as 32 int8 codes c (byte i of c[i / 4] is element i)
 // and two f32 factors with w[i] = a c[i] + b, the dequantization of quant.rs rewritten around
-// integer codes: q4_0 / q5_0 / q8_0 keep their offset in the codes (b = 0), q4_1 / q5_1 and the
-// K-quants keep it in b (their minimum, or -dmin m).
+// integer codes: q4_0 / q5_0 / q8_0 keep their offset in the codes (b = 0, has_min false, and
+// the GEMM skips the b term), q4_1 / q5_1 and the K-quants keep it in b (their minimum, or
+// -dmin m).
 template <int TYPE> struct Q8Unit;
 
 template <> struct Q8Unit<KV_TYPE_Q8_0> {
+    static constexpr bool has_min = false;
     static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
         const uint8_t* blk = row + 34 * static_cast<size_t>(u);
         a = ld_f16(blk);
@@ -1004,6 +1008,7 @@ template <> struct Q8Unit<KV_TYPE_Q8_0> {
 };
 
 template <> struct Q8Unit<KV_TYPE_Q4_0> {
+    static constexpr bool has_min = false;
     static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
         const uint8_t* blk = row + 18 * static_cast<size_t>(u);
         a = ld_f16(blk);
@@ -1019,6 +1024,7 @@ template <> struct Q8Unit<KV_TYPE_Q4_0> {
 };
 
 template <> struct Q8Unit<KV_TYPE_Q4_1> {
+    static constexpr bool has_min = true;
     static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
         uint32_t v[5];
         ld_words_4<5>(row + 20 * static_cast<size_t>(u), v);
@@ -1042,6 +1048,7 @@ __device__ __forceinline__ void codes_q5(const uint32_t* qs, uint32_t qh, uint32
 }
 
 template <> struct Q8Unit<KV_TYPE_Q5_0> {
+    static constexpr bool has_min = false;
     static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
         const uint8_t* blk = row + 22 * static_cast<size_t>(u);
         a = ld_f16(blk);
@@ -1055,6 +1062,7 @@ template <> struct Q8Unit<KV_TYPE_Q5_0> {
 };
 
 template <> struct Q8Unit<KV_TYPE_Q5_1> {
+    static constexpr bool has_min = true;
     static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
         const uint2* blk = reinterpret_cast<const uint2*>(row + 24 * static_cast<size_t>(u));
         const uint2 h = __ldg(blk), q0 = __ldg(blk + 1), q1 = __ldg(blk + 2);
@@ -1067,6 +1075,7 @@ template <> struct Q8Unit<KV_TYPE_Q5_1> {
 
 // q4_K sub-block s = u % 8 of super-block u / 8: chunk s / 2 of qs, low nibbles for even s.
 template <> struct Q8Unit<KV_TYPE_Q4_K> {
+    static constexpr bool has_min = true;
     static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
         const uint8_t* blk = row + 144 * static_cast<size_t>(u / 8);
         const uint32_t s = u % 8;
@@ -1085,6 +1094,7 @@ template <> struct Q8Unit<KV_TYPE_Q4_K> {
 
 // q5_K: as q4_K, the fifth bit of element l of sub-block s in bit s of qh[l].
 template <> struct Q8Unit<KV_TYPE_Q5_K> {
+    static constexpr bool has_min = true;
     static __device__ __forceinline__ void load(const uint8_t* row, uint32_t u, uint32_t (&c)[8], float& a, float& b) {
         const uint8_t* blk = row + 176 * static_cast<size_t>(u / 8);
         const uint32_t s = u % 8;
@@ -1114,8 +1124,8 @@ __device__ __forceinline__ void mma_s8_16x8x32(int (&d)[4], const uint32_t (&a)[
 }
 
 template <int TYPE>
-__device__ __forceinline__ void gemm_q8(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,
-                                        const KvMatmulParams& p) {
+__device__ __forceinline__ void gemm_q8(const uint8_t* __restrict__ w, const int8_t* __restrict__ xq, const KvQ8Sum* __restrict__ xsum,
+                                        float* __restrict__ y, const KvMatmulParams& p) {
     constexpr int TR = KV_GEMM_TILE_ROWS;
     constexpr int TT = KV_GEMM_TILE_TOKENS;
     constexpr int TK = KV_GEMM_TILE_K;
@@ -1171,45 +1181,26 @@ __device__ __forceinline__ void gemm_q8(const uint8_t* __restrict__ w, const flo
             wb[tile_row * UNITS + tile_unit] = b;
         }
         {
-            // x: token t0 + tile_row's 32 values of unit u, quantized as quantize_x_q8 does.
+            // x: the codes of unit u of token t0 + tile_row, with d and d * sum(codes).
             const uint32_t tok = t0 + tile_row;
-            uint32_t packed[8];
-            float d = 0.0f;
-            int sum = 0;
+            int4 c0 = make_int4(0, 0, 0, 0), c1 = c0;
+            float d = 0.0f, ds = 0.0f;
             if (tok < p.n_tokens && u < n_units) {
-                // Two passes over the 128 bytes (the second from L1), so that 32 values are never
-                // live in registers at once.
-                const float4* src = reinterpret_cast<const float4*>(x + static_cast<size_t>(tok) * p.n_cols + static_cast<size_t>(u) * KV_UNIT_ELEMS);
-                float amax = 0.0f;
-#pragma unroll
-                for (int k = 0; k < 8; ++k) {
-                    const float4 f = __ldg(src + k);
-                    amax = fmaxf(amax, fmaxf(fmaxf(fabsf(f.x), fabsf(f.y)), fmaxf(fabsf(f.z), fabsf(f.w))));
-                }
-                const float id = amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
-#pragma unroll
-                for (int k = 0; k < 8; ++k) {
-                    const float4 f = __ldg(src + k);
-                    const int q0 = __float2int_rn(__fmul_rn(f.x, id)), q1 = __float2int_rn(__fmul_rn(f.y, id));
-                    const int q2 = __float2int_rn(__fmul_rn(f.z, id)), q3 = __float2int_rn(__fmul_rn(f.w, id));
-                    sum += q0 + q1 + q2 + q3;
-                    packed[k] = (static_cast<uint32_t>(q0) & 0xFFu) | ((static_cast<uint32_t>(q1) & 0xFFu) << 8) |
-                                ((static_cast<uint32_t>(q2) & 0xFFu) << 16) | (static_cast<uint32_t>(q3) << 24);
-                }
-                d = __half2float(__float2half_rn(__fdiv_rn(amax, 127.0f)));
-            } else {
-#pragma unroll
-                for (int k = 0; k < 8; ++k) packed[k] = 0;
+                const int4* src = reinterpret_cast<const int4*>(xq + static_cast<size_t>(tok) * p.n_cols + static_cast<size_t>(u) * KV_UNIT_ELEMS);
+                c0 = __ldg(src);
+                c1 = __ldg(src + 1);
+                const KvQ8Sum xb = xsum[static_cast<size_t>(tok) * n_units + u];
+                d = xb.d;
+                ds = xb.d * static_cast<float>(xb.sum);
             }
             int4* dst = reinterpret_cast<int4*>(Bq + tile_row * LDQ + tile_unit * KV_UNIT_ELEMS);
-            dst[0] = make_int4(packed[0], packed[1], packed[2], packed[3]);
-            dst[1] = make_int4(packed[4], packed[5], packed[6], packed[7]);
+            dst[0] = c0;
+            dst[1] = c1;
             xd[tile_row * UNITS + tile_unit] = d;
-            xs[tile_row * UNITS + tile_unit] = d * static_cast<float>(sum);
+            xs[tile_row * UNITS + tile_unit] = ds;
         }
         __syncthreads();
-        // Not unrolled: one unit's fragments at a time keep the kernel within 128 registers.
-#pragma unroll 1
+#pragma unroll
         for (int k = 0; k < UNITS; ++k) {
             const int ra = wr * 16 + g;
             const int8_t* ap = Aq + ra * LDQ + k * KV_UNIT_ELEMS + 4 * q;
@@ -1230,10 +1221,16 @@ __device__ __forceinline__ void gemm_q8(const uint8_t* __restrict__ w, const flo
                 const int tc = tb + 2 * q;
                 const float d0 = xd[tc * UNITS + k], s0 = xs[tc * UNITS + k];
                 const float d1 = xd[(tc + 1) * UNITS + k], s1 = xs[(tc + 1) * UNITS + k];
-                acc[j][0] += a0 * (d0 * static_cast<float>(dsum[0])) + b0 * s0;
-                acc[j][1] += a0 * (d1 * static_cast<float>(dsum[1])) + b0 * s1;
-                acc[j][2] += a1 * (d0 * static_cast<float>(dsum[2])) + b1 * s0;
-                acc[j][3] += a1 * (d1 * static_cast<float>(dsum[3])) + b1 * s1;
+                acc[j][0] += a0 * (d0 * static_cast<float>(dsum[0]));
+                acc[j][1] += a0 * (d1 * static_cast<float>(dsum[1]));
+                acc[j][2] += a1 * (d0 * static_cast<float>(dsum[2]));
+                acc[j][3] += a1 * (d1 * static_cast<float>(dsum[3]));
+                if constexpr (Q8Unit<TYPE>::has_min) {
+                    acc[j][0] += b0 * s0;
+                    acc[j][1] += b0 * s1;
+                    acc[j][2] += b1 * s0;
+                    acc[j][3] += b1 * s1;
+                }
             }
         }
     }
@@ -1281,9 +1278,9 @@ __device__ __forceinline__ void gemm_q8(const uint8_t* __restrict__ w, const flo
 
 #define KV_GEMM_Q8_KERNEL(NAME, TYPE)                                                                       \
     extern "C" __global__ void __launch_bounds__(KV_GEMM_THREADS, 2)                                       \
-        kv_gemm_q8_##NAME(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y, \
-                          KvMatmulParams p) {                                                               \
-        kv::gemm_q8<TYPE>(w, x, y, p);                                                                      \
+        kv_gemm_q8_##NAME(const uint8_t* __restrict__ w, const int8_t* __restrict__ xq,                      \
+                          const KvQ8Sum* __restrict__ xs, float* __restrict__ y, KvMatmulParams p) {        \
+        kv::gemm_q8<TYPE>(w, xq, xs, y, p);                                                                 \
     }
 
 #define KV_FLOAT_KERNELS(NAME, TYPE) KV_GEMV_KERNELS(NAME, TYPE, gemv, KV_GEMV_WARPS * 32) KV_GEMM_KERNEL(NAME, TYPE)
@@ -1301,6 +1298,13 @@ KV_QUANT_KERNELS_MMQ(q5_1, KV_TYPE_Q5_1)
 KV_QUANT_KERNELS_MMQ(q4_k, KV_TYPE_Q4_K)
 KV_QUANT_KERNELS_MMQ(q5_k, KV_TYPE_Q5_K)
 KV_QUANT_KERNELS(q6_k, KV_TYPE_Q6_K)
+
+// x [n_tokens, n_cols] quantized for the integer GEMM: codes xq [n_tokens, n_cols] and sums xs
+// [n_tokens, n_cols / 32], the integer GEMV's quantization (grid-stride over the 32-blocks).
+extern "C" __global__ void __launch_bounds__(KV_QUANTIZE_THREADS)
+    kv_quantize_q8(const float* __restrict__ x, int8_t* __restrict__ xq, KvQ8Sum* __restrict__ xs, KvMatmulParams p) {
+    kv::quantize_x_q8(x, p.n_cols, p.n_tokens, xq, xs, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
+}
 
 extern "C" __global__ void __launch_bounds__(KV_GEMV_NAIVE_THREADS)
     kv_gemv_naive(const uint8_t* __restrict__ w, const float* __restrict__ x, float* __restrict__ y, KvMatmulParams p) {

@@ -59,9 +59,11 @@ typedef struct KvQ8Sum {
 #define KV_GEMM_TILE_TOKENS 64
 #define KV_GEMM_TILE_K 128
 
-/* Threads per block of the embedding lookup and of the naive GEMV. */
+/* Threads per block of the embedding lookup, the naive GEMV and the quantization of x for the
+ * integer GEMM (kv_quantize_q8: codes [n_tokens, n_cols] then n_tokens * n_cols / 32 KvQ8Sum). */
 #define KV_EMBED_THREADS 128
 #define KV_GEMV_NAIVE_THREADS 128
+#define KV_QUANTIZE_THREADS 256
 
 /* y[t * n_rows + r] = sum_c W[r, c] * x[t * n_cols + c] for t < n_tokens, r < n_rows. */
 typedef struct KvMatmulParams {

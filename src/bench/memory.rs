@@ -128,7 +128,8 @@ const MAX_MULTIPROCESSORS: u64 = 256;
 
 /// The device memory plan of a session of `n_ctx` tokens in batches of `n_batch` under `spec`:
 /// weights as uploaded (each matrix once, padded), every layer's reserved cache, activations,
-/// attention scratch (partials; scores when the policy wants mass) and eviction scratch.
+/// attention scratch (partials; scores when the policy wants mass), eviction scratch and the
+/// quantized activations of the integer GEMM.
 pub fn device_plan(cfg: &Config, w: &crate::model::weights::Weights, spec: &StrategySpec, n_ctx: usize, n_batch: usize) -> Result<MemoryPlan> {
     use crate::backend::cuda::{backend::layer_reserved_bytes, DeviceWeight};
     let mats: u64 = w.matrices().iter().map(|t| DeviceWeight::padded_bytes(t.n_bytes()) as u64).sum();
@@ -140,11 +141,13 @@ pub fn device_plan(cfg: &Config, w: &crate::model::weights::Weights, spec: &Stra
     let wants_mass = spec.policy == "h2o" || spec.policy == "sieve";
     let attention = 4 * (rows * (4 + hd) + MAX_MULTIPROCESSORS * 4 * (2 + hd) + if wants_mass { rows * n_ctx as u64 } else { 0 });
     let eviction = if spec.policy == "keep_all" { 0 } else { (cfg.n_kv_heads * n_ctx * cfg.head_dim * 2) as u64 };
+    // A batch's activations quantized for the integer GEMM, at the widest matrix input.
+    let q8 = 4 * crate::backend::cuda::quant::q8_scratch_words(cfg.n_embd.max(cfg.q_dim()).max(cfg.n_ff), nb as usize) as u64;
     Ok(MemoryPlan {
         weight_bytes: mats + vectors,
         kv: kv_total(spec, cfg, n_ctx, 0, 1, nb as usize)?,
         kv_reserved_bytes: layer * cfg.n_layers as u64,
-        scratch_bytes: scratch_bytes(cfg, nb as usize, 1) + attention + eviction,
+        scratch_bytes: scratch_bytes(cfg, nb as usize, 1) + attention + eviction + q8,
     })
 }
 

@@ -111,6 +111,7 @@ struct ModelKernels {
     /// GEMM, integer tensor-core GEMM for the types of `quant::gemm_is_integer`).
     matmul: HashMap<u32, (CudaFunction, CudaFunction, CudaFunction, Option<CudaFunction>)>,
     gemv_naive: CudaFunction,
+    quantize_q8: CudaFunction,
     embed: CudaFunction,
     /// Per head_dim: (decode, decode with mass, prefill, prefill with mass).
     attention: HashMap<usize, [CudaFunction; 4]>,
@@ -126,6 +127,8 @@ struct ModelKernels {
 struct ScratchPool {
     f32: Option<CudaSlice<f32>>,
     u32: Option<CudaSlice<u32>>,
+    /// x quantized for the integer GEMM (quant.rs `q8_scratch_words`).
+    q8: Option<CudaSlice<u32>>,
 }
 
 /// One CUDA device with the embedded kernels loaded.
@@ -227,6 +230,7 @@ impl CudaRuntime {
             scatter_rows: load("kv_scatter_rows_u32")?,
             matmul,
             gemv_naive: load("kv_gemv_naive")?,
+            quantize_q8: load("kv_quantize_q8")?,
             embed: load("kv_embed")?,
             attention,
             attn_combine: load("kv_attn_combine")?,
@@ -286,11 +290,21 @@ impl CudaRuntime {
         f(pool.u32.as_mut().expect("allocated above"))
     }
 
+    /// Runs `f` with the scratch of quantized activations grown to at least `len` words.
+    pub(crate) fn with_scratch_q8<R>(&self, len: usize, f: impl FnOnce(&mut CudaSlice<u32>) -> Result<R>) -> Result<R> {
+        let mut pool = self.scratch.lock().map_err(|_| anyhow!("the device scratch lock is poisoned"))?;
+        if pool.q8.as_ref().is_none_or(|b| b.len() < len) {
+            pool.q8 = None;
+            pool.q8 = Some(self.zeros::<u32>(len.max(1))?);
+        }
+        f(pool.q8.as_mut().expect("allocated above"))
+    }
+
     /// Bytes the shared scratch holds now.
     pub fn scratch_bytes(&self) -> usize {
         self.scratch
             .lock()
-            .map(|p| p.f32.as_ref().map_or(0, |b| b.num_bytes()) + p.u32.as_ref().map_or(0, |b| b.num_bytes()))
+            .map(|p| [&p.u32, &p.q8].iter().map(|b| b.as_ref().map_or(0, |b| b.num_bytes())).sum::<usize>() + p.f32.as_ref().map_or(0, |b| b.num_bytes()))
             .unwrap_or(0)
     }
 

@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKerne
 use super::ffi::{
     KvEmbedParams, KvMatmulParams, KV_EMBED_THREADS, KV_GEMM_THREADS, KV_GEMM_TILE_ROWS, KV_GEMM_TILE_TOKENS,
     KV_GEMV_MAX_TOKENS, KV_GEMV_NAIVE_THREADS, KV_GEMV_Q8_ROWS_PER_WARP, KV_GEMV_Q8_WARPS, KV_GEMV_ROWS_PER_WARP,
-    KV_GEMV_WARPS, KV_UNIT_ELEMS, KV_WEIGHT_PAD, KvQ8Sum,
+    KV_GEMV_WARPS, KV_QUANTIZE_THREADS, KV_UNIT_ELEMS, KV_WEIGHT_PAD, KvQ8Sum,
 };
 use super::layers::{check_len, launch_error, to_u32};
 use super::CudaRuntime;
@@ -42,6 +42,12 @@ pub(super) fn gemv_is_integer(ty: GgmlType) -> bool {
 /// not fit one int8 product).
 pub(super) fn gemm_is_integer(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K)
+}
+
+/// 32-bit words of the runtime scratch that holds `n_tokens` rows of `n_cols` values quantized for
+/// the integer GEMM (`kv_quantize_q8`): the int8 codes, then one `KvQ8Sum` per 32 values.
+pub fn q8_scratch_words(n_cols: usize, n_tokens: usize) -> usize {
+    n_tokens * (n_cols + n_cols / KV_UNIT_ELEMS as usize * std::mem::size_of::<KvQ8Sum>()) / 4
 }
 
 /// Dynamic shared memory of one integer-GEMV block for `n_tokens` tokens of `n_cols` columns:
@@ -198,14 +204,39 @@ impl CudaRuntime {
             if cfg.grid_dim.1 > 65_535 {
                 bail!("{k}: {n_tokens} tokens exceed the grid's y limit");
             }
-            let gemm = match gemm_q8 {
-                Some(f) if kernel != MatmulKernel::GemmF16 => f,
-                _ => gemm_f16,
-            };
-            let mut launch = stream.launch_builder(gemm);
-            launch.arg(&wp).arg(&xp).arg(&op).arg(&p);
-            // SAFETY: as above.
-            unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))?;
+            match gemm_q8 {
+                Some(gemm) if kernel != MatmulKernel::GemmF16 => {
+                    // x quantized once into the scratch (codes, then the 32-block sums), then the
+                    // integer GEMM over the codes.
+                    let n_codes = n_tokens * w.n_cols;
+                    self.with_scratch_q8(q8_scratch_words(w.n_cols, n_tokens), |buf| {
+                        let (bp, _bg) = buf.device_ptr(stream);
+                        let (xq, xs) = (bp, bp + n_codes as u64);
+                        let qcfg = LaunchConfig {
+                            grid_dim: (to_u32(k, "quantize blocks", (n_codes / KV_UNIT_ELEMS as usize).div_ceil(KV_QUANTIZE_THREADS as usize))?, 1, 1),
+                            block_dim: (KV_QUANTIZE_THREADS, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        let mut launch = stream.launch_builder(&self.model.quantize_q8);
+                        launch.arg(&xp).arg(&xq).arg(&xs).arg(&p);
+                        // SAFETY: (const float *x, int8_t *xq, KvQ8Sum *xs, params): x holds
+                        // n_tokens * n_cols values (checked above), the scratch q8_scratch_words
+                        // of them quantized; n_codes is a multiple of 32, so xs is 16-byte aligned.
+                        unsafe { launch.launch(qcfg) }.map_err(|e| launch_error("kv_quantize_q8", &qcfg, e))?;
+                        let mut launch = stream.launch_builder(gemm);
+                        launch.arg(&wp).arg(&xq).arg(&xs).arg(&op).arg(&p);
+                        // SAFETY: (const uint8_t *w, const int8_t *xq, const KvQ8Sum *xs, float *y,
+                        // params), the codes and sums just written; out's length checked above.
+                        unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))
+                    })?;
+                }
+                _ => {
+                    let mut launch = stream.launch_builder(gemm_f16);
+                    launch.arg(&wp).arg(&xp).arg(&op).arg(&p);
+                    // SAFETY: as above.
+                    unsafe { launch.launch(cfg) }.map_err(|e| launch_error(k, &cfg, e))?;
+                }
+            }
         } else {
             let integer = gemv_is_integer(w.ty);
             let (warps, rows_per_warp) = if integer {
