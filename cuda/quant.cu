@@ -28,8 +28,9 @@
 //     so the weights stream while x is quantized and while the lanes compute. In the dot:
 //     nibbles/bits unpacked to bytes, __dp4a against the int8 codes (two 16-byte shared loads
 //     per 32 values), the integer sum
-//     scaled by the weight's and x's scales in f32 (the offset of q4_0 / q5_0 through x's code
-//     sum, the minimum of q4_1 / q5_1 / K-quants through d * sum). f32 per-lane sums, one
+//     scaled by the weight's and x's scales in f32 as (d_w d_x) s, the CPU's order (the offset of
+//     q4_0 / q5_0 through x's code sum, the minimum of q4_1 / q5_1 through f16(d * sum) as
+//     block_q8_1 stores it, of the K-quants through d * sum). f32 per-lane sums, one
 //     warp_sum per (row, token).
 //   The emulation test in src/backend/cuda/quant.rs replays each type's LU on the host.
 // kv_gemv_<type>_t1 / _t4 for f32, f16, bf16 (decode; reference: reference::matmul)
@@ -60,8 +61,9 @@
 //   (Q8Unit<TYPE>: the offset of q4_0 / q5_0 inside the codes, the minimum of q4_1 / q5_1 /
 //   K-quants in b), and copies unit i % 4 of token i / 4's codes, d and d * sum(codes). The 8
 //   warps (4 x 2) each own 16 rows x 32 tokens: per unit, four mma.m16n8k32 s8 products giving
-//   s, the exact int32 dot product of 32 codes, scaled into f32 accumulators: acc += a (d_x s)
-//   + b (d_x sum of x's codes). Out-of-range rows, tokens and units are zero codes with zero
+//   s, the exact int32 dot product of 32 codes, scaled into f32 accumulators as the CPU does:
+//   acc = fma(a d_x, s, acc), then acc += b s_x with s_x = d_x times the sum of x's codes
+//   (rounded to f16 for q4_1 / q5_1, as block_q8_1 stores it). Out-of-range rows, tokens and units are zero codes with zero
 //   factors. The output goes through shared memory as in the f16 GEMM. q6_K (two scales per 32
 //   columns) and the float types have no integer GEMM.
 //
@@ -461,6 +463,9 @@ template <int N> __device__ __forceinline__ void ld_words_16(const uint8_t* p, u
     }
 }
 __device__ __forceinline__ float half_bits(uint32_t h) { return __half2float(__ushort_as_half(static_cast<unsigned short>(h))); }
+// d * sum of a quantized 32-block rounded to f16, as llama.cpp's block_q8_1 stores it and the
+// CPU fast backend uses it against the minimum of q4_1 / q5_1.
+__device__ __forceinline__ float q8_1_s(float d, int sum) { return __half2float(__float2half_rn(d * static_cast<float>(sum))); }
 // Byte i (0..11, runtime) of the 12 bytes held little-endian in s0, s1, s2.
 __device__ __forceinline__ uint32_t byte_of3(uint32_t s0, uint32_t s1, uint32_t s2, uint32_t i) {
     const uint32_t w = i < 4 ? s0 : (i < 8 ? s1 : s2);
@@ -518,7 +523,7 @@ template <> struct Q8Gemv<KV_TYPE_Q4_0> {
             s = __dp4a(static_cast<int>((l.qs[k] >> 4) & 0x0F0F0F0Fu), xi[k + 4], s);
         }
         const KvQ8Sum x = xs[lu];
-        return half_bits(l.d) * (x.d * static_cast<float>(s - 8 * x.sum));
+        return (half_bits(l.d) * x.d) * static_cast<float>(s - 8 * x.sum);
     }
 };
 
@@ -544,7 +549,7 @@ template <> struct Q8Gemv<KV_TYPE_Q4_1> {
             s = __dp4a(static_cast<int>((l.qs[k] >> 4) & 0x0F0F0F0Fu), xi[k + 4], s);
         }
         const KvQ8Sum x = xs[lu];
-        return half_bits(l.dm) * (x.d * static_cast<float>(s)) + half_bits(l.dm >> 16) * (x.d * static_cast<float>(x.sum));
+        return (half_bits(l.dm) * x.d) * static_cast<float>(s) + half_bits(l.dm >> 16) * q8_1_s(x.d, x.sum);
     }
 };
 
@@ -580,7 +585,7 @@ template <> struct Q8Gemv<KV_TYPE_Q5_0> {
         x_words(xq, lu, xi);
         const int s = dot_q5(l.qs, l.qh, xi);
         const KvQ8Sum x = xs[lu];
-        return half_bits(l.d) * (x.d * static_cast<float>(s - 16 * x.sum));
+        return (half_bits(l.d) * x.d) * static_cast<float>(s - 16 * x.sum);
     }
 };
 
@@ -600,7 +605,7 @@ template <> struct Q8Gemv<KV_TYPE_Q5_1> {
         x_words(xq, lu, xi);
         const int s = dot_q5(l.qs, l.qh, xi);
         const KvQ8Sum x = xs[lu];
-        return half_bits(l.dm) * (x.d * static_cast<float>(s)) + half_bits(l.dm >> 16) * (x.d * static_cast<float>(x.sum));
+        return (half_bits(l.dm) * x.d) * static_cast<float>(s) + half_bits(l.dm >> 16) * q8_1_s(x.d, x.sum);
     }
 };
 
@@ -619,7 +624,7 @@ template <> struct Q8Gemv<KV_TYPE_Q8_0> {
         int s = 0;
 #pragma unroll
         for (int k = 0; k < 8; ++k) s = __dp4a(static_cast<int>(l.qs[k]), xi[k], s);
-        return half_bits(l.d) * (xs[lu].d * static_cast<float>(s));
+        return (half_bits(l.d) * xs[lu].d) * static_cast<float>(s);
     }
 };
 
@@ -1134,6 +1139,8 @@ __device__ __forceinline__ void gemm_q8(const uint8_t* __restrict__ w, const int
     constexpr int LDC = TT + 4;                // floats per row of the output staging
     static_assert(TR * UNITS == KV_GEMM_THREADS && TT * UNITS == KV_GEMM_THREADS, "one unit of each tile per thread");
     static_assert(TR * LDC * 4 <= (TR + TT) * LDQ, "the output staging fits in the code tiles");
+    // q4_1 / q5_1 meet x's code sums as block_q8_1's f16 d * sum, as on the CPU.
+    constexpr bool kQ8_1 = TYPE == KV_TYPE_Q4_1 || TYPE == KV_TYPE_Q5_1;
     __shared__ __align__(16) int8_t codes[(TR + TT) * LDQ];
     __shared__ float wa[TR * UNITS], wb[TR * UNITS], xd[TT * UNITS], xs[TT * UNITS];
     int8_t* Aq = codes;             // [TR][LDQ]: W codes, row-major
@@ -1191,7 +1198,7 @@ __device__ __forceinline__ void gemm_q8(const uint8_t* __restrict__ w, const int
                 c1 = __ldg(src + 1);
                 const KvQ8Sum xb = xsum[static_cast<size_t>(tok) * n_units + u];
                 d = xb.d;
-                ds = xb.d * static_cast<float>(xb.sum);
+                ds = kQ8_1 ? q8_1_s(xb.d, xb.sum) : xb.d * static_cast<float>(xb.sum);
             }
             int4* dst = reinterpret_cast<int4*>(Bq + tile_row * LDQ + tile_unit * KV_UNIT_ELEMS);
             dst[0] = c0;
@@ -1221,10 +1228,10 @@ __device__ __forceinline__ void gemm_q8(const uint8_t* __restrict__ w, const int
                 const int tc = tb + 2 * q;
                 const float d0 = xd[tc * UNITS + k], s0 = xs[tc * UNITS + k];
                 const float d1 = xd[(tc + 1) * UNITS + k], s1 = xs[(tc + 1) * UNITS + k];
-                acc[j][0] += a0 * (d0 * static_cast<float>(dsum[0]));
-                acc[j][1] += a0 * (d1 * static_cast<float>(dsum[1]));
-                acc[j][2] += a1 * (d0 * static_cast<float>(dsum[2]));
-                acc[j][3] += a1 * (d1 * static_cast<float>(dsum[3]));
+                acc[j][0] = fmaf(a0 * d0, static_cast<float>(dsum[0]), acc[j][0]);
+                acc[j][1] = fmaf(a0 * d1, static_cast<float>(dsum[1]), acc[j][1]);
+                acc[j][2] = fmaf(a1 * d0, static_cast<float>(dsum[2]), acc[j][2]);
+                acc[j][3] = fmaf(a1 * d1, static_cast<float>(dsum[3]), acc[j][3]);
                 if constexpr (Q8Unit<TYPE>::has_min) {
                     acc[j][0] += b0 * s0;
                     acc[j][1] += b0 * s1;

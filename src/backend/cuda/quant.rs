@@ -71,6 +71,34 @@ pub fn q8_roundtrip(x: &[f32]) -> Vec<f32> {
     out
 }
 
+/// What the integer kernels add to `reference::matmul(w, q8_roundtrip(x))` for q4_1 and q5_1,
+/// `[n_tokens, n_rows]` in f64 (zeros for the other types). x's 32-block meets the weight block's
+/// minimum m as `f16(d * sum)`, the product rounded to f16 as llama.cpp's `block_q8_1` stores it
+/// and the CPU fast backend uses it, where the round trip holds `d * sum` exactly: each output
+/// moves by the sum over its blocks of `m (f16(d * sum) - d * sum)`.
+pub fn q8_1_min_correction(w: &Tensor, x: &[f32], n_tokens: usize) -> Vec<f64> {
+    let mut out = vec![0.0f64; n_tokens * w.n_rows];
+    if !matches!(w.ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+        return out;
+    }
+    let (data, rb, bb) = (w.data(), w.row_bytes(), w.ty.block_bytes());
+    for (t, xt) in x.chunks(w.n_cols).take(n_tokens).enumerate() {
+        for (b, xb) in xt.chunks(KV_UNIT_ELEMS as usize).enumerate() {
+            let amax = xb.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let d = half::f16::from_f32(amax / 127.0).to_f32();
+            let sum: i32 = xb.iter().map(|&v| (v * id).round_ties_even() as i32).sum();
+            let err = f64::from(half::f16::from_f32(d * sum as f32).to_f32()) - f64::from(d) * f64::from(sum);
+            for r in 0..w.n_rows {
+                let at = r * rb + b * bb + 2;
+                let m = half::f16::from_le_bytes([data[at], data[at + 1]]).to_f32();
+                out[t * w.n_rows + r] += f64::from(m) * err;
+            }
+        }
+    }
+    out
+}
+
 /// Which matrix kernel a product uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulKernel {
@@ -332,8 +360,9 @@ impl CudaRuntime {
 /// It pins down the index mapping the kernel relies on without a GPU.
 #[cfg(test)]
 mod emulation {
-    use super::q8_roundtrip;
+    use super::{q8_1_min_correction, q8_roundtrip};
     use crate::format::quant::{dequantize, quantize, GgmlType};
+    use crate::model::weights::Tensor;
     use crate::rng::Rng;
 
     /// The quantized activation of one row: codes and, per 32-block, (d, sum), as the kernel's
@@ -388,6 +417,9 @@ mod emulation {
         }
     }
 
+    fn q8_1_s(d: f32, sum: i32) -> f32 {
+        half::f16::from_f32(d * sum as f32).to_f32()
+    }
     fn f16_bits(h: u32) -> f32 {
         half::f16::from_bits((h & 0xFFFF) as u16).to_f32()
     }
@@ -435,7 +467,7 @@ mod emulation {
                             s = dp4a(qs[k] & 0x0F0F_0F0F, xi[k], s);
                             s = dp4a((qs[k] >> 4) & 0x0F0F_0F0F, xi[k + 4], s);
                         }
-                        f16_bits(d) * (xd * (s - 8 * xsum) as f32)
+                        (f16_bits(d) * xd) * (s - 8 * xsum) as f32
                     }
                     GgmlType::Q4_1 => {
                         let v = m.words_a(row + 20 * lu, 5, 4);
@@ -444,24 +476,24 @@ mod emulation {
                             s = dp4a(v[k + 1] & 0x0F0F_0F0F, xi[k], s);
                             s = dp4a((v[k + 1] >> 4) & 0x0F0F_0F0F, xi[k + 4], s);
                         }
-                        f16_bits(v[0]) * (xd * s as f32) + f16_bits(v[0] >> 16) * (xd * xsum as f32)
+                        (f16_bits(v[0]) * xd) * s as f32 + f16_bits(v[0] >> 16) * q8_1_s(xd, xsum)
                     }
                     GgmlType::Q5_0 => {
                         let b = row + 22 * lu;
                         let (d, v) = (m.u16_at(b), m.words_2(b + 2, 5));
                         let s = dot_q5(&v[1..], v[0], &xi);
-                        f16_bits(d) * (xd * (s - 16 * xsum) as f32)
+                        (f16_bits(d) * xd) * (s - 16 * xsum) as f32
                     }
                     GgmlType::Q5_1 => {
                         let v = m.words_a(row + 24 * lu, 6, 8);
                         let s = dot_q5(&v[2..], v[1], &xi);
-                        f16_bits(v[0]) * (xd * s as f32) + f16_bits(v[0] >> 16) * (xd * xsum as f32)
+                        (f16_bits(v[0]) * xd) * s as f32 + f16_bits(v[0] >> 16) * q8_1_s(xd, xsum)
                     }
                     _ => {
                         let b = row + 34 * lu;
                         let (d, qs) = (m.u16_at(b), m.words_2(b + 2, 8));
                         let s = (0..8).fold(0, |s, k| dp4a(qs[k], xi[k], s));
-                        f16_bits(d) * (xd * s as f32)
+                        (f16_bits(d) * xd) * s as f32
                     }
                 }
             }
@@ -543,10 +575,12 @@ mod emulation {
                 x[..32].iter_mut().for_each(|v| *v = 0.0);
                 let xq = quantize_x(&x);
                 let xt = q8_roundtrip(&x);
+                let tensor = Tensor::from_bytes("emulated", ty, n_cols, n_rows, mem.0[..rb * n_rows].to_vec()).unwrap();
+                let correction = q8_1_min_correction(&tensor, &x, 1);
                 for r in 0..n_rows {
                     let mut row = vec![0.0f32; n_cols];
                     dequantize(ty, &mem.0[r * rb..(r + 1) * rb], &mut row).unwrap();
-                    let want: f64 = row.iter().zip(&xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let want: f64 = row.iter().zip(&xt).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() + correction[r];
                     let scale: f64 = row.iter().zip(&xt).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
                     let n_lu = n_cols / 32 / lu_units;
                     let got: f64 = (0..n_lu).map(|lu| lane_unit(ty, &mem, r * rb, lu, &xq) as f64).sum();

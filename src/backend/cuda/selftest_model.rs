@@ -10,7 +10,7 @@ use super::attention::AttnKernel;
 use super::backend::Cuda;
 use super::kv::DeviceCodec;
 use super::kv_fp16::Fp16DeviceCodec;
-use super::quant::{gemm_is_integer, gemv_is_integer, q8_roundtrip, MatmulKernel};
+use super::quant::{gemm_is_integer, gemv_is_integer, q8_1_min_correction, q8_roundtrip, MatmulKernel};
 use super::selftest::{bench_line, compare, time, time_stream, BenchLine, Outcome, SplitMix64, Tester, Tolerance};
 use super::CudaRuntime;
 use crate::backend::cpu::{reference, Cpu};
@@ -34,7 +34,9 @@ pub const GEMV_TOL: f64 = 1e-5;
 /// x it is off by the quantization itself, which is not noise to tolerate but a bound to verify:
 /// |x - d q| <= d / 2 from rounding plus |q| d 2^-11 from the f16 scale, d = amax / 127, so each
 /// output is within `Q8_X_BOUND * sum_blocks amax_b * sum_i |w_i|` of the exact product
-/// (1/254 + 2^-11 = 0.0044; 0.0045 covers the f32 arithmetic), plus GEMV_TOL.
+/// (1/254 + 2^-11 = 0.0044; 0.0045 covers the f32 arithmetic), plus GEMV_TOL. For q4_1 / q5_1
+/// the oracle adds `quant::q8_1_min_correction` (the minimum meets the f16 `d * sum` that
+/// llama.cpp's block_q8_1 stores), and the bound its magnitude.
 pub const Q8_X_BOUND: f64 = 0.0045;
 /// Integer GEMM (prefill of the types of `gemm_is_integer`): `W . q8(x)` like the integer GEMV,
 /// checked against `reference::matmul` on q8(x), but each output sums its n_cols / 32 scaled
@@ -110,6 +112,11 @@ impl Tester<'_> {
         let x_ref = if integer { q8_roundtrip(&x) } else { x.clone() };
         let mut want = vec![0.0f32; n_tokens * n_rows];
         reference::matmul(&w, &x_ref, n_tokens, &mut want)?;
+        // q4_1 / q5_1: the minimum meets block_q8_1's f16 d * sum (zeros otherwise).
+        let correction = if integer { q8_1_min_correction(&w, &x, n_tokens) } else { vec![0.0; n_tokens * n_rows] };
+        for (v, c) in want.iter_mut().zip(&correction) {
+            *v = (f64::from(*v) + c) as f32;
+        }
         let mut exact = vec![0.0f32; n_tokens * n_rows];
         reference::matmul(&w, &x, n_tokens, &mut exact)?;
         let mut scale = vec![0.0f64; n_tokens * n_rows];
@@ -127,7 +134,8 @@ impl Tester<'_> {
                         let amax = xb.iter().fold(0.0f64, |m, &v| m.max((v as f64).abs()));
                         Q8_X_BOUND * amax * wb.iter().map(|&v| (v as f64).abs()).sum::<f64>()
                     })
-                    .sum();
+                    .sum::<f64>()
+                    + correction[t * n_rows + r].abs();
             }
         }
         let dw = self.rt.upload_weight(&w)?;
