@@ -270,34 +270,39 @@ impl CudaRuntime {
         Ok(n)
     }
 
+    /// Runs `f` with the scratch buffer `pick` selects from the pool, grown to at least `len`
+    /// elements (the pool's lock held meanwhile).
+    fn with_scratch<T, R>(
+        &self,
+        len: usize,
+        pick: impl FnOnce(&mut ScratchPool) -> &mut Option<CudaSlice<T>>,
+        f: impl FnOnce(&mut CudaSlice<T>) -> Result<R>,
+    ) -> Result<R>
+    where
+        T: DeviceRepr + cudarc::driver::ValidAsZeroBits,
+    {
+        let mut pool = self.scratch.lock().map_err(|_| anyhow!("the device scratch lock is poisoned"))?;
+        let slot = pick(&mut pool);
+        if slot.as_ref().is_none_or(|b| b.len() < len) {
+            *slot = None;
+            *slot = Some(self.zeros::<T>(len.max(1))?);
+        }
+        f(slot.as_mut().expect("allocated above"))
+    }
+
     /// Runs `f` with the shared f32 scratch grown to at least `len` elements.
     pub(crate) fn with_scratch_f32<R>(&self, len: usize, f: impl FnOnce(&mut CudaSlice<f32>) -> Result<R>) -> Result<R> {
-        let mut pool = self.scratch.lock().map_err(|_| anyhow!("the device scratch lock is poisoned"))?;
-        if pool.f32.as_ref().is_none_or(|b| b.len() < len) {
-            pool.f32 = None;
-            pool.f32 = Some(self.zeros::<f32>(len.max(1))?);
-        }
-        f(pool.f32.as_mut().expect("allocated above"))
+        self.with_scratch(len, |p| &mut p.f32, f)
     }
 
     /// Runs `f` with the shared u32 scratch grown to at least `len` elements.
     pub(crate) fn with_scratch_u32<R>(&self, len: usize, f: impl FnOnce(&mut CudaSlice<u32>) -> Result<R>) -> Result<R> {
-        let mut pool = self.scratch.lock().map_err(|_| anyhow!("the device scratch lock is poisoned"))?;
-        if pool.u32.as_ref().is_none_or(|b| b.len() < len) {
-            pool.u32 = None;
-            pool.u32 = Some(self.zeros::<u32>(len.max(1))?);
-        }
-        f(pool.u32.as_mut().expect("allocated above"))
+        self.with_scratch(len, |p| &mut p.u32, f)
     }
 
     /// Runs `f` with the scratch of quantized activations grown to at least `len` words.
     pub(crate) fn with_scratch_q8<R>(&self, len: usize, f: impl FnOnce(&mut CudaSlice<u32>) -> Result<R>) -> Result<R> {
-        let mut pool = self.scratch.lock().map_err(|_| anyhow!("the device scratch lock is poisoned"))?;
-        if pool.q8.as_ref().is_none_or(|b| b.len() < len) {
-            pool.q8 = None;
-            pool.q8 = Some(self.zeros::<u32>(len.max(1))?);
-        }
-        f(pool.q8.as_mut().expect("allocated above"))
+        self.with_scratch(len, |p| &mut p.q8, f)
     }
 
     /// Bytes the shared scratch holds now.

@@ -452,6 +452,18 @@ mod emulation {
         s
     }
 
+    /// `n_rows` random rows of `ty` (uniform in [-1, 1]) as the device holds them, and the bytes
+    /// of one row.
+    fn random_rows(rng: &mut Rng, ty: GgmlType, n_rows: usize, n_cols: usize) -> (Mem, usize) {
+        let rb = ty.row_bytes(n_cols).unwrap();
+        let mut mem = vec![0u8; (rb * n_rows).div_ceil(16) * 16 + 16];
+        let w = rng.vec_uniform(n_rows * n_cols, -1.0, 1.0);
+        for r in 0..n_rows {
+            quantize(ty, &w[r * n_cols..(r + 1) * n_cols], &mut mem[r * rb..(r + 1) * rb]).unwrap();
+        }
+        (Mem(mem), rb)
+    }
+
     /// Q8Gemv<TYPE>::load + dot for lane unit `lu` of the row starting at `row`.
     fn lane_unit(ty: GgmlType, m: &Mem, row: usize, lu: usize, x: &Q8) -> f32 {
         match ty {
@@ -564,13 +576,7 @@ mod emulation {
                     continue;
                 }
                 let n_rows = 3;
-                let rb = ty.row_bytes(n_cols).unwrap();
-                let mut mem = vec![0u8; (rb * n_rows).div_ceil(16) * 16 + 16];
-                let w = rng.vec_uniform(n_rows * n_cols, -1.0, 1.0);
-                for r in 0..n_rows {
-                    quantize(ty, &w[r * n_cols..(r + 1) * n_cols], &mut mem[r * rb..(r + 1) * rb]).unwrap();
-                }
-                let mem = Mem(mem);
+                let (mem, rb) = random_rows(&mut rng, ty, n_rows, n_cols);
                 let mut x = rng.vec_uniform(n_cols, -2.0, 2.0);
                 x[..32].iter_mut().for_each(|v| *v = 0.0);
                 let xq = quantize_x(&x);
@@ -665,13 +671,7 @@ mod emulation {
                     continue;
                 }
                 let n_rows = 3;
-                let rb = ty.row_bytes(n_cols).unwrap();
-                let mut mem = vec![0u8; (rb * n_rows).div_ceil(16) * 16 + 16];
-                let w = rng.vec_uniform(n_rows * n_cols, -1.0, 1.0);
-                for r in 0..n_rows {
-                    quantize(ty, &w[r * n_cols..(r + 1) * n_cols], &mut mem[r * rb..(r + 1) * rb]).unwrap();
-                }
-                let mem = Mem(mem);
+                let (mem, rb) = random_rows(&mut rng, ty, n_rows, n_cols);
                 for r in 0..n_rows {
                     let mut row = vec![0.0f32; n_cols];
                     dequantize(ty, &mem.0[r * rb..(r + 1) * rb], &mut row).unwrap();
