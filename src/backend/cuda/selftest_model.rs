@@ -62,10 +62,10 @@ pub const MASS_TOL: Tolerance = Tolerance { atol: 1e-5, rtol: 1e-5 };
 /// Whole model (synthetic, 2 layers): CUDA logits against the reference backend's, relative to
 /// the largest |logit| of the row. Prefill goes through the integer GEMM (the q6_K output
 /// through the f16 one, ~1e-3 of sum |w x| per product), and decode through the integer GEMV;
-/// their 8-bit activations move each value by up to amax/254 (Q8_X_BOUND) before every matrix. The CPU
-/// fast backend quantizes activations the same way: on this model (q4_0, q6_K output, 40 prompt
-/// + 12 decoded tokens, fp16 and h2o, seeds 0..6) it is 1.0e-2 to 1.6e-2 of the row scale from
-/// the reference, so 3e-2 (2x the largest seen). The top-1 token must also agree wherever the
+/// their 8-bit activations move each value by up to amax/254 (Q8_X_BOUND) before every matrix.
+/// The CPU fast backend quantizes activations the same way: on this model (q4_0, q6_K output,
+/// 40 prompt and 12 decoded tokens, fp16 and h2o, seeds 0..6) it is 1.0e-2 to 1.6e-2 of the row
+/// scale from the reference, so 3e-2 (2x the largest seen). The top-1 token must also agree wherever the
 /// reference's margin between its two best tokens exceeds twice the observed error.
 pub const MODEL_TOL: f64 = 3e-2;
 
