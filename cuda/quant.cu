@@ -27,11 +27,10 @@
 //     the first step's are issued before the prologue, each next step's before this step's dots,
 //     so the weights stream while x is quantized and while the lanes compute. In the dot:
 //     nibbles/bits unpacked to bytes, __dp4a against the int8 codes (two 16-byte shared loads
-//     per 32 values), the integer sum
-//     scaled by the weight's and x's scales in f32 as (d_w d_x) s, the CPU's order (the offset of
-//     q4_0 / q5_0 through x's code sum, the minimum of q4_1 / q5_1 through f16(d * sum) as
-//     block_q8_1 stores it, of the K-quants through d * sum). f32 per-lane sums, one
-//     warp_sum per (row, token).
+//     per 32 values), the integer sum scaled by the weight's and x's scales in f32 as
+//     (d_w d_x) s, the CPU's order (the offset of q4_0 / q5_0 through x's code sum, the minimum
+//     of q4_1 / q5_1 through f16(d * sum) (q8_1_s), of the K-quants through d * sum). f32
+//     per-lane sums, one warp_sum per (row, token).
 //   The emulation test in src/backend/cuda/quant.rs replays each type's LU on the host.
 // kv_gemv_<type>_t1 / _t4 for f32, f16, bf16 (decode; reference: reference::matmul)
 //   y[t, r] = sum_c W[r, c] x[t, c] for up to 1 / KV_GEMV_MAX_TOKENS tokens.
@@ -63,8 +62,8 @@
 //   warps (4 x 2) each own 16 rows x 32 tokens: per unit, four mma.m16n8k32 s8 products giving
 //   s, the exact int32 dot product of 32 codes, scaled into f32 accumulators as the CPU does:
 //   acc = fma(a d_x, s, acc), then acc += b s_x with s_x = d_x times the sum of x's codes
-//   (rounded to f16 for q4_1 / q5_1, as block_q8_1 stores it). Out-of-range rows, tokens and units are zero codes with zero
-//   factors. The output goes through shared memory as in the f16 GEMM. q6_K (two scales per 32
+//   (rounded to f16 for q4_1 / q5_1: q8_1_s). Out-of-range rows, tokens and units are zero codes
+//   with zero factors. The output goes through shared memory as in the f16 GEMM. q6_K (two scales per 32
 //   columns) and the float types have no integer GEMM.
 //
 // kv_gemm_<type> (prefill, tensor cores, f16; reference: reference::matmul)
@@ -463,8 +462,9 @@ template <int N> __device__ __forceinline__ void ld_words_16(const uint8_t* p, u
     }
 }
 __device__ __forceinline__ float half_bits(uint32_t h) { return __half2float(__ushort_as_half(static_cast<unsigned short>(h))); }
-// d * sum of a quantized 32-block rounded to f16, as llama.cpp's block_q8_1 stores it and the
-// CPU fast backend uses it against the minimum of q4_1 / q5_1.
+// d * sum of a quantized 32-block rounded to f16, met by the minimum of q4_1 / q5_1. d is the
+// f16-rounded scale; llama.cpp's block_q8_1 (and the CPU fast backend) round the product of the
+// unrounded amax / 127 instead, so the two differ by one rounding in some blocks.
 __device__ __forceinline__ float q8_1_s(float d, int sum) { return __half2float(__float2half_rn(d * static_cast<float>(sum))); }
 // Byte i (0..11, runtime) of the 12 bytes held little-endian in s0, s1, s2.
 __device__ __forceinline__ uint32_t byte_of3(uint32_t s0, uint32_t s1, uint32_t s2, uint32_t i) {
@@ -1139,7 +1139,7 @@ __device__ __forceinline__ void gemm_q8(const uint8_t* __restrict__ w, const int
     constexpr int LDC = TT + 4;                // floats per row of the output staging
     static_assert(TR * UNITS == KV_GEMM_THREADS && TT * UNITS == KV_GEMM_THREADS, "one unit of each tile per thread");
     static_assert(TR * LDC * 4 <= (TR + TT) * LDQ, "the output staging fits in the code tiles");
-    // q4_1 / q5_1 meet x's code sums as block_q8_1's f16 d * sum, as on the CPU.
+    // q4_1 / q5_1 meet x's code sums as the f16 d * sum (q8_1_s).
     constexpr bool kQ8_1 = TYPE == KV_TYPE_Q4_1 || TYPE == KV_TYPE_Q5_1;
     __shared__ __align__(16) int8_t codes[(TR + TT) * LDQ];
     __shared__ float wa[TR * UNITS], wb[TR * UNITS], xd[TT * UNITS], xs[TT * UNITS];

@@ -12,6 +12,7 @@ use super::ffi::{
 };
 use super::layers::{check_len, launch_error, to_u32};
 use super::CudaRuntime;
+use crate::backend::cpu::fast::{quantize_q8, Q8Row};
 use crate::format::quant::GgmlType;
 use crate::model::weights::Tensor;
 
@@ -72,22 +73,21 @@ pub fn q8_roundtrip(x: &[f32]) -> Vec<f32> {
 }
 
 /// What the integer kernels add to `reference::matmul(w, q8_roundtrip(x))` for q4_1 and q5_1,
-/// `[n_tokens, n_rows]` in f64 (zeros for the other types). x's 32-block meets the weight block's
-/// minimum m as `f16(d * sum)`, the product rounded to f16 as llama.cpp's `block_q8_1` stores it
-/// and the CPU fast backend uses it, where the round trip holds `d * sum` exactly: each output
-/// moves by the sum over its blocks of `m (f16(d * sum) - d * sum)`.
+/// `[n_tokens, n_rows]` in f64 (zeros for the other types). x's 32-block (quantized by the CPU
+/// fast backend's `quantize_q8`) meets the weight block's minimum m as `f16(d * sum)`, where the
+/// round trip holds `d * sum` exactly: each output moves by the sum over its blocks of
+/// `m (f16(d * sum) - d * sum)`. d is the f16-rounded scale (`Q8Row::d`); `Q8Row::s`, llama.cpp's
+/// `block_q8_1` value, rounds the product of the unrounded scale instead, one rounding apart.
 pub fn q8_1_min_correction(w: &Tensor, x: &[f32], n_tokens: usize) -> Vec<f64> {
     let mut out = vec![0.0f64; n_tokens * w.n_rows];
     if !matches!(w.ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
         return out;
     }
     let (data, rb, bb) = (w.data(), w.row_bytes(), w.ty.block_bytes());
+    let mut q = Q8Row::default();
     for (t, xt) in x.chunks(w.n_cols).take(n_tokens).enumerate() {
-        for (b, xb) in xt.chunks(KV_UNIT_ELEMS as usize).enumerate() {
-            let amax = xb.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let d = half::f16::from_f32(amax / 127.0).to_f32();
-            let sum: i32 = xb.iter().map(|&v| (v * id).round_ties_even() as i32).sum();
+        quantize_q8(xt, &mut q);
+        for (b, (&d, &sum)) in q.d.iter().zip(&q.sum).enumerate() {
             let err = f64::from(half::f16::from_f32(d * sum as f32).to_f32()) - f64::from(d) * f64::from(sum);
             for r in 0..w.n_rows {
                 let at = r * rb + b * bb + 2;

@@ -35,8 +35,8 @@ pub const GEMV_TOL: f64 = 1e-5;
 /// |x - d q| <= d / 2 from rounding plus |q| d 2^-11 from the f16 scale, d = amax / 127, so each
 /// output is within `Q8_X_BOUND * sum_blocks amax_b * sum_i |w_i|` of the exact product
 /// (1/254 + 2^-11 = 0.0044; 0.0045 covers the f32 arithmetic), plus GEMV_TOL. For q4_1 / q5_1
-/// the oracle adds `quant::q8_1_min_correction` (the minimum meets the f16 `d * sum` that
-/// llama.cpp's block_q8_1 stores), and the bound its magnitude.
+/// the oracle adds `quant::q8_1_min_correction` (the minimum meets `d * sum` rounded to f16),
+/// and the bound its magnitude.
 pub const Q8_X_BOUND: f64 = 0.0045;
 /// Integer GEMM (prefill of the types of `gemm_is_integer`): `W . q8(x)` like the integer GEMV,
 /// checked against `reference::matmul` on q8(x), but each output sums its n_cols / 32 scaled
@@ -112,7 +112,7 @@ impl Tester<'_> {
         let x_ref = if integer { q8_roundtrip(&x) } else { x.clone() };
         let mut want = vec![0.0f32; n_tokens * n_rows];
         reference::matmul(&w, &x_ref, n_tokens, &mut want)?;
-        // q4_1 / q5_1: the minimum meets block_q8_1's f16 d * sum (zeros otherwise).
+        // q4_1 / q5_1: the minimum meets the f16 d * sum (zeros otherwise).
         let correction = if integer { q8_1_min_correction(&w, &x, n_tokens) } else { vec![0.0; n_tokens * n_rows] };
         for (v, c) in want.iter_mut().zip(&correction) {
             *v = (f64::from(*v) + c) as f32;
