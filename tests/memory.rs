@@ -2,8 +2,9 @@
 //! cache exactly for every strategy whose formula is exact (no eviction, eviction over fp16
 //! storage, or eviction over compressed storage before decoding). For eviction inside compressed
 //! blocks during decoding (gear-h2o, group-h2o) the formula is an estimate (see
-//! `kv::strategy::formula_bytes`: it simulates H2O-like eviction of the oldest rows, a block
-//! keeping its shared parts): it is checked within 25%, and the gap is printed.
+//! `kv::strategy::formula_bytes`: it simulates the run with H2O taking the youngest rows outside
+//! its recent window, every block keeping its shared parts): it is checked within 5% (measured
+//! here: 0.02-3.2%), and the gap is printed.
 
 mod common;
 
@@ -73,7 +74,7 @@ fn check(model_path: &Path, prompt_tokens: usize, gen_tokens: usize) {
         if r.kv_exact {
             assert_eq!(r.kv_bytes as usize, row.kv_bytes, "{strategy} {kv}: an exact formula");
         } else {
-            assert!(gap < 0.25, "{strategy} {kv}: the estimate {} is {:.1}% from the bytes held {}", r.kv_bytes, gap * 100.0, row.kv_bytes);
+            assert!(gap < 0.05, "{strategy} {kv}: the estimate {} is {:.1}% from the bytes held {}", r.kv_bytes, gap * 100.0, row.kv_bytes);
         }
     }
 }

@@ -171,27 +171,36 @@ fn eviction_over_compressed_storage_equals_its_formula_after_a_one_batch_prompt(
     let c = &m.config;
     let b = Cpu::fast();
     let dw = DeviceWeights::new(&b, &m.weights).unwrap();
-    let prompt: Vec<u32> = (0..150).map(|i| (i * 31 % 500) as u32).collect();
-    for (name, kv) in [("gear-h2o", "budget=0.3"), ("gear-sieve", "budget=70"), ("group-h2o", "budget=0.5"), ("gear-h2o", "budget=0.2,backbone=uniform")] {
+    // Two prompts of the same length: what eviction frees depends on which rows attention keeps.
+    let prompts: [Vec<u32>; 2] = [(0..150).map(|i| (i * 31 % 500) as u32).collect(), (0..150).map(|i| (i * 17 % 300 + 100) as u32).collect()];
+    // How far the estimate may be from the bytes held after decoding. It follows H2O's
+    // mechanics (measured here: within 0.1%). SIEVE also evicts new tokens from the f16 buffer,
+    // which it does not model, so it overstates SIEVE's bytes (measured: 19-25%).
+    for (name, kv, tol) in [
+        ("gear-h2o", "budget=0.3", 0.01),
+        ("gear-sieve", "budget=70", 0.30),
+        ("group-h2o", "budget=0.5", 0.01),
+        ("gear-h2o", "budget=0.2,backbone=uniform", 0.01),
+    ] {
         let spec = StrategySpec::parse(name, &[kv.to_string()], 2).unwrap();
-        assert!(kvgear::kv::strategy::formula_is_exact(&spec, prompt.len(), 0, prompt.len()));
-        assert!(!kvgear::kv::strategy::formula_is_exact(&spec, prompt.len(), 1, prompt.len()));
-        assert!(!kvgear::kv::strategy::formula_is_exact(&spec, prompt.len(), 0, 64));
-        let mut s = Session::with_strategy(&b, c, &dw, 256, prompt.len(), &spec).unwrap();
-        s.forward(&prompt, Logits::Last).unwrap();
-        let layer = kvgear::kv::strategy::formula_bytes(&spec, c.n_kv_heads, c.head_dim, prompt.len(), 0, prompt.len()).unwrap();
-        assert_eq!(s.kv_bytes(), layer.times(c.n_layers), "{name} {kv}");
-        // Decoding evicts rows from compressed blocks and from the f16 buffer, as the policy
-        // chooses: the formula is then an estimate (it assumes H2O-like eviction of old rows;
-        // SIEVE also evicts unvisited new tokens).
-        for i in 0..40u32 {
-            s.forward(&[(i * 7 + 1) % 500], Logits::Last).unwrap();
+        for prompt in &prompts {
+            assert!(kvgear::kv::strategy::formula_is_exact(&spec, prompt.len(), 0, prompt.len()));
+            assert!(!kvgear::kv::strategy::formula_is_exact(&spec, prompt.len(), 1, prompt.len()));
+            assert!(!kvgear::kv::strategy::formula_is_exact(&spec, prompt.len(), 0, 64));
+            let mut s = Session::with_strategy(&b, c, &dw, 256, prompt.len(), &spec).unwrap();
+            s.forward(prompt, Logits::Last).unwrap();
+            let layer = kvgear::kv::strategy::formula_bytes(&spec, c.n_kv_heads, c.head_dim, prompt.len(), 0, prompt.len()).unwrap();
+            assert_eq!(s.kv_bytes(), layer.times(c.n_layers), "{name} {kv}");
+            for i in 0..40u32 {
+                s.forward(&[(i * 7 + 1) % 500], Logits::Last).unwrap();
+            }
+            let est = kvgear::kv::strategy::formula_bytes(&spec, c.n_kv_heads, c.head_dim, prompt.len(), 40, prompt.len()).unwrap().total() * c.n_layers;
+            let held = s.kv_bytes().total();
+            let rel = (held as f64 - est as f64).abs() / held as f64;
+            eprintln!("{name} {kv}: {held} bytes held after 40 decoded tokens, the estimate says {est} ({:+.2}%)", 100.0 * (est as f64 / held as f64 - 1.0));
+            assert!(rel < tol, "{name} {kv}: {held} bytes held, the estimate says {est}");
+            assert!(spec.policy != "sieve" || est >= held, "{name} {kv}: {held} bytes held, above the estimate {est}");
         }
-        let est = kvgear::kv::strategy::formula_bytes(&spec, c.n_kv_heads, c.head_dim, prompt.len(), 40, prompt.len()).unwrap().total() * c.n_layers;
-        let held = s.kv_bytes().total();
-        let rel = (held as f64 - est as f64).abs() / held as f64;
-        eprintln!("{name} {kv}: {held} bytes held after 40 decoded tokens, the estimate says {est}");
-        assert!(rel < 0.25, "{name} {kv}: {held} bytes held, the estimate says {est}");
     }
 }
 

@@ -504,9 +504,8 @@ thread_local! {
 /// [`formula_is_exact`]) for every codec without eviction, for the evicting policies over fp16
 /// storage, and for eviction over a compressed codec after a prompt run as one batch. When a
 /// compressed codec evicts after its blocks are made (decoding, or a prompt in several
-/// batches), the survivors are counted as if the prompt's had been compressed as one block and
-/// the decoded ones in blocks of their own: an estimate, since evicting rows from a compressed
-/// block keeps the block's shared scales and factors, and drops the outliers the rows had.
+/// batches), what the survivors hold depends on which rows the policy picked, which depends on
+/// the attention: the figure is then an estimate (`evicting_estimate`).
 pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_prompt: usize, n_decode: usize, n_batch: usize) -> Result<KvBytes> {
     use crate::kv::codec::{Fp16Codec, GearConfig, GroupConfig, UniformConfig};
     use crate::kv::policy::Budget;
@@ -528,22 +527,29 @@ pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_
             other => bail!("unknown codec {other}"),
         }
     } else {
-        let (nb, block): (usize, Box<dyn Fn(usize, bool) -> KvBytes>) = match spec.codec.as_str() {
+        let (nb, key_group, block): (usize, Option<usize>, Box<dyn Fn(usize, bool) -> KvBytes>) = match spec.codec.as_str() {
             "uniform" => {
                 let u = UniformConfig::from_params(c)?;
-                (u.buffer, Box::new(move |m, _| u.formula_bytes_split(1, head_dim, m, 0)))
+                (u.buffer, None, Box::new(move |m, _| u.formula_bytes_split(1, head_dim, m, 0)))
             }
             "group" => {
                 let g = GroupConfig::from_params(c)?;
-                (g.residual, Box::new(move |m, _| g.block_bytes(head_dim, m)))
+                (g.residual, Some(g.group), Box::new(move |m, _| g.block_bytes(head_dim, m)))
             }
             "gear" => {
                 let g = GearConfig::from_params(c)?;
-                (g.buffer, Box::new(move |m, prompt| g.block_bytes(head_dim, m, if prompt { g.rank } else { g.rank_decode })))
+                let key_group = (g.backbone == Backbone::Group).then_some(g.group);
+                (g.buffer, key_group, Box::new(move |m, prompt| g.block_bytes(head_dim, m, if prompt { g.rank } else { g.rank_decode })))
             }
             other => bail!("unknown codec {other}"),
         };
-        let per_head = evicting_estimate(&*block, nb, head_dim, n_prompt, n_batch, n_decode, held);
+        // H2O never evicts its recent window; the youngest tokens older than it have had the
+        // least time to gather attention, so the estimate takes them first.
+        let recent = (spec.policy == "h2o").then(|| {
+            let p = &spec.policy_params;
+            crate::kv::policy::recent_tokens(p.recent.unwrap_or(crate::kv::policy::DEFAULT_RECENT), p.sinks.unwrap_or(0), held)
+        });
+        let per_head = evicting_estimate(&*block, nb, key_group, recent, head_dim, n_prompt, n_batch, n_decode, held);
         let mut all = KvBytes::default();
         for _ in 0..n_kv_heads {
             all.add(&per_head);
@@ -559,19 +565,25 @@ pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_
 }
 
 /// One head's bytes when a policy evicts over compressed storage. The run is simulated step by
-/// step: the prompt in batches of `n_batch` (`0`: one batch), then `n_decode` one-token steps;
-/// each step's tokens join the f16 buffer, the policy evicts down to `held` (the rows taken from
-/// compressed blocks while there are any, the oldest first, since H2O and SIEVE protect recent
-/// tokens; else from the buffer), then the buffer's whole multiples of `nb` become a block. A
-/// block keeps its low-rank `B` as long as it has rows, and rows are taken from across the
-/// blocks, so every block made is counted with its `B`; an evicted row frees its codes, its row
-/// of `A`, and its share of the outliers and of the scales (per-channel key scales go when a whole
-/// row group goes, which heavy eviction makes common). Exact while nothing has been evicted from
-/// a block (a prompt in one batch, before decoding).
+/// step: the prompt in batches of `n_batch` (`0`: one batch), then `n_decode` one-token steps.
+/// Each step's tokens join the f16 buffer; the policy evicts down to `held`. With H2O's recent
+/// window (`recent` tokens), the youngest rows older than the window go first: the buffer's,
+/// then those of blocks made while decoding. Then rows of compressed blocks while there are any
+/// (the prompt's first), then buffer rows. Then the buffer's whole multiples of `nb` become a
+/// block. A block's shared parts stay as long as one of their rows does: its
+/// low-rank `B`, and with `key_group` (per-channel key scales over row groups of that many
+/// tokens) each row group's key scales. H2O keeps heavy hitters from across the context, so
+/// every block made is counted with all its shared parts. An evicted row frees its codes, its
+/// per-token scales, its row of `A`, and its share of the block's outliers (a row holds as many
+/// as its values made it). Exact while nothing has been evicted from a block (a prompt in one
+/// batch, before decoding); otherwise the bytes depend on which rows attention keeps, and the
+/// figure is an estimate (`results/memory-llama2-7b.md` gives its measured error).
 #[allow(clippy::too_many_arguments)]
 fn evicting_estimate(
     block: &dyn Fn(usize, bool) -> KvBytes,
     nb: usize,
+    key_group: Option<usize>,
+    recent: Option<usize>,
     head_dim: usize,
     n_prompt: usize,
     n_batch: usize,
@@ -591,6 +603,16 @@ fn evicting_estimate(
         n_held += n;
         if n_held > held {
             let mut e = n_held - held;
+            if let Some(r) = recent {
+                let old = e.min(n_buf.saturating_sub(r));
+                n_buf -= old;
+                e -= old;
+                // Then decoded rows in blocks that have left the recent window.
+                let take = e.min(rows[1].saturating_sub(r.saturating_sub(n_buf)));
+                rows[1] -= take;
+                gone[1] += take;
+                e -= take;
+            }
             for kind in 0..2 {
                 let take = e.min(rows[kind]);
                 rows[kind] -= take;
@@ -612,8 +634,10 @@ fn evicting_estimate(
             // What one more row adds to a block of this kind, shared parts excluded.
             let (big, small) = (block(2 * nb, kind == 0), block(nb, kind == 0));
             let per = |x: usize, y: usize| (x - y) / nb;
+            // Per-channel key scales, `head_dim` (step, zero) f16 pairs per row group, stay.
+            let shared_scales = key_group.map_or(0, |kg| head_dim * 4 / kg);
             out.codes -= (per(big.codes, small.codes) * g).min(out.codes);
-            out.scales -= (per(big.scales, small.scales) * g).min(out.scales);
+            out.scales -= ((per(big.scales, small.scales) - shared_scales) * g).min(out.scales);
             out.lowrank -= (per(big.lowrank, small.lowrank) * g).min(out.lowrank);
             out.outliers -= (per(big.outliers, small.outliers) * g).min(out.outliers);
         }

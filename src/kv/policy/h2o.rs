@@ -18,7 +18,13 @@ use anyhow::{bail, Result};
 use std::cmp::Ordering;
 
 /// The paper's split: half the budget for recent tokens, half for heavy hitters.
-pub(super) const DEFAULT_RECENT: f64 = 0.5;
+pub const DEFAULT_RECENT: f64 = 0.5;
+
+/// `R = min(floor(recent * B), B - sinks)`: the newest tokens H2O always keeps under a budget
+/// of `B = budget_tokens`.
+pub fn recent_tokens(recent: f64, sinks: usize, budget_tokens: usize) -> usize {
+    ((recent * budget_tokens as f64).floor() as usize).min(budget_tokens.saturating_sub(sinks))
+}
 
 /// H2O over per-head accumulated attention scores.
 #[derive(Clone, Debug)]
@@ -51,7 +57,7 @@ impl H2O {
 
     /// The number of most recent tokens always kept under a budget of `budget_tokens`.
     pub fn recent_tokens(&self, budget_tokens: usize) -> usize {
-        ((self.recent * budget_tokens as f64).floor() as usize).min(budget_tokens.saturating_sub(self.sinks))
+        recent_tokens(self.recent, self.sinks, budget_tokens)
     }
 
     /// Head `g`'s accumulated scores, in arrival order (empty for a head that does not exist).

@@ -23,7 +23,7 @@ mod keep_all;
 mod sieve;
 mod window;
 
-pub use h2o::H2O;
+pub use h2o::{recent_tokens, DEFAULT_RECENT, H2O};
 pub use keep_all::KeepAll;
 pub use sieve::Sieve;
 pub use window::Window;
