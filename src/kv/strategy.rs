@@ -527,19 +527,20 @@ pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_
             other => bail!("unknown codec {other}"),
         }
     } else {
-        let (nb, key_group, block): (usize, Option<usize>, Box<dyn Fn(usize, bool) -> KvBytes>) = match spec.codec.as_str() {
+        // Uniform quantization's scales are all per token: none shared.
+        let (nb, shared_scales, block): (usize, usize, Box<dyn Fn(usize, bool) -> KvBytes>) = match spec.codec.as_str() {
             "uniform" => {
                 let u = UniformConfig::from_params(c)?;
-                (u.buffer, None, Box::new(move |m, _| u.formula_bytes_split(1, head_dim, m, 0)))
+                (u.buffer, 0, Box::new(move |m, _| u.formula_bytes_split(1, head_dim, m, 0)))
             }
             "group" => {
                 let g = GroupConfig::from_params(c)?;
-                (g.residual, Some(g.group), Box::new(move |m, _| g.block_bytes(head_dim, m)))
+                (g.residual, g.shared_scale_bytes_per_row(head_dim), Box::new(move |m, _| g.block_bytes(head_dim, m)))
             }
             "gear" => {
                 let g = GearConfig::from_params(c)?;
-                let key_group = (g.backbone == Backbone::Group).then_some(g.group);
-                (g.buffer, key_group, Box::new(move |m, prompt| g.block_bytes(head_dim, m, if prompt { g.rank } else { g.rank_decode })))
+                let shared = g.shared_scale_bytes_per_row(head_dim);
+                (g.buffer, shared, Box::new(move |m, prompt| g.block_bytes(head_dim, m, if prompt { g.rank } else { g.rank_decode })))
             }
             other => bail!("unknown codec {other}"),
         };
@@ -549,7 +550,7 @@ pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_
             let p = &spec.policy_params;
             crate::kv::policy::recent_tokens(p.recent.unwrap_or(crate::kv::policy::DEFAULT_RECENT), p.sinks.unwrap_or(0), held)
         });
-        let per_head = evicting_estimate(&*block, nb, key_group, recent, head_dim, n_prompt, n_batch, n_decode, held);
+        let per_head = evicting_estimate(&*block, nb, shared_scales, recent, head_dim, n_prompt, n_batch, n_decode, held);
         let mut all = KvBytes::default();
         for _ in 0..n_kv_heads {
             all.add(&per_head);
@@ -570,19 +571,18 @@ pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_
 /// window (`recent` tokens), the youngest rows older than the window go first: the buffer's,
 /// then those of blocks made while decoding. Then rows of compressed blocks while there are any
 /// (the prompt's first), then buffer rows. Then the buffer's whole multiples of `nb` become a
-/// block. A block's shared parts stay as long as one of their rows does: its
-/// low-rank `B`, and with `key_group` (per-channel key scales over row groups of that many
-/// tokens) each row group's key scales. H2O keeps heavy hitters from across the context, so
-/// every block made is counted with all its shared parts. An evicted row frees its codes, its
-/// per-token scales, its row of `A`, and its share of the block's outliers (a row holds as many
-/// as its values made it). Exact while nothing has been evicted from a block (a prompt in one
+/// block. A block's shared parts stay as long as one of their rows does: its low-rank `B`, and
+/// each row group's per-channel key scales (`shared_scales` bytes per row). H2O keeps heavy
+/// hitters from across the context, so every block made is counted with all its shared parts.
+/// An evicted row frees its codes, its per-token scales, its row of `A`, and its share of the
+/// block's outliers (a row holds as many as its values made it). Exact while nothing has been evicted from a block (a prompt in one
 /// batch, before decoding); otherwise the bytes depend on which rows attention keeps, and the
 /// figure is an estimate (`results/memory-llama2-7b.md` gives its measured error).
 #[allow(clippy::too_many_arguments)]
 fn evicting_estimate(
     block: &dyn Fn(usize, bool) -> KvBytes,
     nb: usize,
-    key_group: Option<usize>,
+    shared_scales: usize,
     recent: Option<usize>,
     head_dim: usize,
     n_prompt: usize,
@@ -634,8 +634,6 @@ fn evicting_estimate(
             // What one more row adds to a block of this kind, shared parts excluded.
             let (big, small) = (block(2 * nb, kind == 0), block(nb, kind == 0));
             let per = |x: usize, y: usize| (x - y) / nb;
-            // Per-channel key scales, `head_dim` (step, zero) f16 pairs per row group, stay.
-            let shared_scales = key_group.map_or(0, |kg| head_dim * 4 / kg);
             out.codes -= (per(big.codes, small.codes) * g).min(out.codes);
             out.scales -= ((per(big.scales, small.scales) - shared_scales) * g).min(out.scales);
             out.lowrank -= (per(big.lowrank, small.lowrank) * g).min(out.lowrank);

@@ -33,7 +33,7 @@ use anyhow::{bail, Result};
 
 use super::blocked::{Blocked, GearScheme, Scheme};
 use super::pack::row_bytes;
-use super::quant::{scale_bytes_for, Layout};
+use super::quant::{scale_bytes_for, shared_scale_bytes_per_row, Layout};
 use super::sparse::{index_bytes, outlier_count};
 use super::{check_bits, check_shape, Backbone, Codec, CodecParams, KvBytes, MAX_RANK};
 
@@ -128,6 +128,13 @@ impl GearConfig {
             Backbone::Group => (Layout::Channel { group: self.group }, Layout::Token { group: self.group }),
             Backbone::Uniform => (Layout::Token { group: head_dim }, Layout::Token { group: head_dim }),
         }
+    }
+
+    /// Scale bytes per token, K and V, that a token shares with the rest of its block (the
+    /// group backbone's per-channel key scales, freed with their row group's last token).
+    pub fn shared_scale_bytes_per_row(&self, head_dim: usize) -> usize {
+        let (kl, vl) = self.layouts(head_dim);
+        shared_scale_bytes_per_row(kl, head_dim) + shared_scale_bytes_per_row(vl, head_dim)
     }
 
     /// Bytes of one head's block of `m` tokens at rank `r`, K and V.

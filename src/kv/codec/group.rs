@@ -18,7 +18,7 @@ use anyhow::{bail, Result};
 
 use super::blocked::{Blocked, Scheme};
 use super::pack::row_bytes;
-use super::quant::{scale_bytes_for, Layout};
+use super::quant::{scale_bytes_for, shared_scale_bytes_per_row, Layout};
 use super::{check_bits, check_shape, Codec, CodecParams, KvBytes};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +78,12 @@ impl GroupConfig {
             fp16: n_kv_heads * 2 * nb * head_dim * 2,
             ..KvBytes::default()
         }
+    }
+
+    /// Scale bytes per token, K and V, that a token shares with the rest of its key group (the
+    /// per-channel key scales, freed with the group's last token).
+    pub fn shared_scale_bytes_per_row(&self, head_dim: usize) -> usize {
+        shared_scale_bytes_per_row(Layout::Channel { group: self.group }, head_dim)
     }
 
     /// Bytes of one head's `m` quantized tokens, K and V.

@@ -116,6 +116,15 @@ pub(crate) fn scale_bytes_for(layout: Layout, n: usize, d: usize) -> usize {
     }
 }
 
+/// The part of `scale_bytes_for` per row that rows share, and that evicting a row therefore
+/// does not free: a `Channel` row group's per-channel pairs, spread over its rows.
+pub(crate) fn shared_scale_bytes_per_row(layout: Layout, d: usize) -> usize {
+    match layout {
+        Layout::Token { .. } => 0,
+        Layout::Channel { group } => d * 4 / group,
+    }
+}
+
 impl QuantMatrix {
     /// Quantizes `x` (`[n, d]` row-major). The layout's group divides `d` (`Token`); `n` need not
     /// be a multiple of a `Channel` group (the last row group is shorter).
