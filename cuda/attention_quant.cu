@@ -18,8 +18,8 @@
 //   is (row group t / CH, chunk t % CH) with CH = head_dim / 8: the CH threads of a row read its
 //   packed codes together (chunk k = `bits` bytes), RP = threads / CH rows at a time.
 //   Scores use GEAR's factored form, as blocked.rs's `scores` does: q . deq(k_j) over the codes,
-//   plus A_j . (B^T q) (B^T q computed once per item), where an outlier's dequantized entry is
-//   replaced by (value - (A B^T)[j, c]) so that the sum gives the outlier's exact value. The
+//   plus A_j . (B^T q) (B^T q computed once per item), with each outlier's stored correction
+//   (value - deq - (A B^T)[j, c], from compression) added to its dequantized entry. The
 //   item's scores go to shared memory (and, with mass, to `scores` [n_heads, score_stride]);
 //   then its max m and sum l of exp(s - m); then the values: sum_j p_j deq(v_j) per thread over
 //   its rows and chunk, reduced over the row groups through shared memory, plus B (sum_j p_j A_j).
@@ -37,7 +37,7 @@
 //   Grid (ceil(n_tokens / q_tile), n_kv_heads); a block takes q_tile tokens x gqa query heads
 //   (<= KV_Q_PREFILL_QROWS rows, in shared memory) and walks its head's tokens in tiles of
 //   k_tile rows that never straddle a block: each K tile is decoded into shared memory
-//   (blocked.rs's decode_row: deq + A B^T, outliers exact), scores by warp (lane = key), an
+//   (blocked.rs's decode_row: deq + A B^T + outlier corrections), scores by warp (lane = key), an
 //   online softmax per query row, then the V tile decoded into the same shared memory and
 //   accumulated. Tiles past every query's causal limit are skipped. stats [n_tokens, n_heads, 2]
 //   gets each query row's final (max, sum) for the mass pass.
@@ -110,8 +110,8 @@ __device__ __forceinline__ void fill_tile_info(const KvQShape& s, const uint8_t*
 }
 
 // The 8 values of chunk ck of item row r used by the factored decode scores / values: the
-// dequantized backbone, with each outlier's entry replaced by (value - low-rank entry).
-__device__ __forceinline__ void factored_chunk(const KvQShape& s, const PartPtr& p, uint32_t part, uint32_t rank,
+// dequantized backbone plus each outlier's correction (the low-rank term is added factored).
+__device__ __forceinline__ void factored_chunk(const KvQShape& s, const PartPtr& p, uint32_t part,
                                                uint32_t idx_bytes, uint32_t row, uint32_t group, uint32_t out_lo,
                                                uint32_t out_hi, uint32_t ck, float v[KV_Q_CHUNK]) {
     dequant_chunk(p.codes + static_cast<size_t>(row) * s.row_bytes, ck, s.bits, scale_row(s, p, part, row, group), v);
@@ -119,11 +119,7 @@ __device__ __forceinline__ void factored_chunk(const KvQShape& s, const PartPtr&
     for (uint32_t e = out_lo; e < out_hi; ++e) {
         const uint32_t at = outlier_index(p.idx, idx_bytes, e) - base;
         if ((at >> 3) == ck) {
-            float x = __half2float(p.val[e]);
-            if (rank > 0) {
-                x -= lowrank_entry(p.a + static_cast<size_t>(row) * rank, p.b, rank, at);
-            }
-            set_lane(v, at & 7u, x);
+            add_lane(v, at & 7u, __half2float(p.val[e]));
         }
     }
 }
@@ -199,7 +195,7 @@ __device__ __forceinline__ void attn_decode(const uint8_t* __restrict__ arena, c
         } else if (is_buf) {
             load_f16x8(buf_k + (static_cast<size_t>(g) * s.buf_rows + it.row0 + r) * d + ck * KV_Q_CHUNK, v);
         } else {
-            factored_chunk(s, pk, 0, rank, blk.idx_bytes, it.row0 + r, row_group[r], out_start[0][r],
+            factored_chunk(s, pk, 0, blk.idx_bytes, it.row0 + r, row_group[r], out_start[0][r],
                            out_start[0][r + 1], ck, v);
         }
         float dot[G];
@@ -274,7 +270,7 @@ __device__ __forceinline__ void attn_decode(const uint8_t* __restrict__ arena, c
         if (is_buf) {
             load_f16x8(buf_v + (static_cast<size_t>(g) * s.buf_rows + it.row0 + r) * d + ck * KV_Q_CHUNK, v);
         } else {
-            factored_chunk(s, pv, 1, rank, blk.idx_bytes, it.row0 + r, 0, out_start[1][r], out_start[1][r + 1], ck,
+            factored_chunk(s, pv, 1, blk.idx_bytes, it.row0 + r, 0, out_start[1][r], out_start[1][r + 1], ck,
                            v);
         }
 #pragma unroll

@@ -12,8 +12,9 @@
 //        they give the k-th largest magnitude T (a radix select over the 15 bits of |f16|);
 //     3. (outliers) in index order, select every entry above T and the first (k - #above)
 //        entries equal to T (blocked.rs/sparse.rs: largest |x| first, ties to the lower index),
-//        write them (index, f16 value) compacted in index order, zero them, set their mask bit
-//        (one mask byte per 8 entries) and count them per row;
+//        write them (index, f16 value; pass 7 makes the values corrections) compacted in index
+//        order, zero them, set their mask bit (one mask byte per 8 entries) and count them per
+//        row;
 //     4. quantization parameters per scale group (written to the arena), then codes (packed by
 //        chunks of 8 channels) and, for GEAR with rank > 0, the residual x - deq, 0 on outliers;
 //     5. (rank > 0) power iteration as lowrank.rs: from the host's start vectors B0, `iters`
@@ -22,7 +23,10 @@
 //        the products are separately rounded in the CPU's order, so only the Gram-Schmidt sums
 //        (in f64) are ordered differently;
 //     6. (rank > 0) A and B rounded to f16 and stored; the masked squared error with and
-//        without them (f64); zero factors when they make it worse (lowrank.rs: fit).
+//        without them (f64); zero factors when they make it worse (lowrank.rs: fit);
+//     7. (outliers) each stored value becomes its correction, f16(value - (deq + A B^T)) at its
+//        place, with the code there chosen to cancel most of the correction's rounding
+//        (blocked.rs: compress, sparse.rs: best_code), one thread per chunk holding outliers.
 //   Outliers per row go to counts (the host needs them to evict rows).
 //
 // kv_quant_buffer_append(buf_k, buf_v, in_k, in_v, dst0, KvQBufferParams)
@@ -65,6 +69,60 @@ __device__ __forceinline__ void find_bin(const uint32_t* hist, uint32_t n_bins, 
         *above = before;
     }
     __syncthreads();
+}
+
+// Pass 7: outlier e's place gets the code, and its stored value x the f16 correction, of
+// sparse.rs's best_code: of codes 0..levels, the one for which dense + f16(x - dense) is closest
+// to x (ties: the lower code), dense = deq(code) plus the low-rank entry when rank > 0, each
+// operation rounded as decode_chunk rounds it. The thread that meets the first outlier of an
+// 8-channel chunk (outliers are in index order) handles all of that chunk's, so no two threads
+// write one chunk.
+__device__ void store_corrections(uint8_t* arena, const KvQShape& s, const KvQBlock& blk, const KvQPart& P,
+                                  uint32_t part, uint32_t rank) {
+    const PartPtr pp = part_ptr(arena, P);
+    __half* val = reinterpret_cast<__half*>(arena + P.val);
+    const uint32_t d = s.head_dim, levels = (1u << s.bits) - 1u;
+    const bool channel = part == 0 && s.k_channel;
+    for (uint32_t e0 = threadIdx.x; e0 < P.n_out; e0 += blockDim.x) {
+        const uint32_t chunk = outlier_index(pp.idx, blk.idx_bytes, e0) / KV_Q_CHUNK;
+        if (e0 > 0 && outlier_index(pp.idx, blk.idx_bytes, e0 - 1) / KV_Q_CHUNK == chunk) {
+            continue;
+        }
+        const uint32_t j = chunk * KV_Q_CHUNK / d, kc = (chunk * KV_Q_CHUNK % d) / KV_Q_CHUNK;
+        uint8_t* codes_row = arena + P.codes + static_cast<size_t>(j) * s.row_bytes;
+        uint64_t w = load_chunk(codes_row, kc, s.bits);
+        const ScaleRow sr = scale_row(s, pp, part, j, channel ? j / s.k_group : 0u);
+        for (uint32_t e = e0; e < P.n_out; ++e) {
+            const uint32_t at = outlier_index(pp.idx, blk.idx_bytes, e);
+            if (at / KV_Q_CHUNK != chunk) {
+                break;
+            }
+            const uint32_t c = at % d;
+            const float2 sz = __half22float2(sr.first[c >> sr.shift]);
+            const float l = rank > 0 ? lowrank_entry(pp.a + static_cast<size_t>(j) * rank, pp.b, rank, c) : 0.0f;
+            const float x = __half2float(val[e]);
+            uint32_t best = 0;
+            __half corr = __float2half_rn(0.0f);
+            float err = INFINITY;
+            for (uint32_t code = 0; code <= levels; ++code) {
+                float dense = dequant(code, sz.x, sz.y);
+                if (rank > 0) {
+                    dense = __fadd_rn(dense, l);
+                }
+                const __half h = __float2half_rn(__fsub_rn(x, dense));
+                const float r = fabsf(__fsub_rn(__fadd_rn(dense, __half2float(h)), x));
+                if (code == 0 || r < err) {
+                    best = code;
+                    corr = h;
+                    err = r;
+                }
+            }
+            const uint32_t shift = (c % KV_Q_CHUNK) * s.bits;
+            w = (w & ~(static_cast<uint64_t>(levels) << shift)) | (static_cast<uint64_t>(best) << shift);
+            val[e] = corr;
+        }
+        store_chunk(codes_row, kc, s.bits, w);
+    }
 }
 
 __device__ void compress_part(uint8_t* arena, const __half* buf, const KvQCompressJob& job,
@@ -242,6 +300,10 @@ __device__ void compress_part(uint8_t* arena, const __half* buf, const KvQCompre
         store_chunk(codes + static_cast<size_t>(j) * s.row_bytes, kc, s.bits, w);
     }
     if (rank == 0) {
+        if (k_out > 0) {
+            __syncthreads();
+            store_corrections(arena, s, blk, P, part, 0);
+        }
         return;
     }
     __syncthreads();
@@ -345,6 +407,10 @@ __device__ void compress_part(uint8_t* arena, const __half* buf, const KvQCompre
         for (uint32_t u = tid; u < d * rank; u += T) {
             b16[u] = __float2half_rn(0.0f);
         }
+    }
+    if (k_out > 0) {
+        __syncthreads();
+        store_corrections(arena, s, blk, P, part, rank);
     }
 }
 

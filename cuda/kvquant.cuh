@@ -201,19 +201,20 @@ __device__ __forceinline__ float lowrank_entry(const __half* a_row, const __half
     return acc;
 }
 
-// Sets v[i] = x for i == j (a compile-time-indexed select, so v stays in registers).
-__device__ __forceinline__ void set_lane(float v[KV_Q_CHUNK], uint32_t j, float x) {
+// Adds x to v[j] (a compile-time-indexed select, so v stays in registers).
+__device__ __forceinline__ void add_lane(float v[KV_Q_CHUNK], uint32_t j, float x) {
 #pragma unroll
     for (int i = 0; i < KV_Q_CHUNK; ++i) {
         if (static_cast<uint32_t>(i) == j) {
-            v[i] = x;
+            v[i] = __fadd_rn(v[i], x);
         }
     }
 }
 
 // The fully decoded chunk k of row `row` of a block part: dequantized, plus the low-rank entry,
-// outliers (entries [out_lo, out_hi) of the part, the row's) replaced by their values. This is
-// blocked.rs's `decode_row`, operation for operation.
+// plus the outliers' corrections (entries [out_lo, out_hi) of the part, the row's; sparse.rs:
+// value - (deq + A B^T) at their place, in f16). This is blocked.rs's `decode_row`, operation
+// for operation.
 __device__ __forceinline__ void decode_chunk(const KvQShape& s, const PartPtr& p, uint32_t part, uint32_t rank,
                                              uint32_t idx_bytes, uint32_t row, uint32_t group, uint32_t out_lo,
                                              uint32_t out_hi, uint32_t k, float v[KV_Q_CHUNK]) {
@@ -229,7 +230,7 @@ __device__ __forceinline__ void decode_chunk(const KvQShape& s, const PartPtr& p
     for (uint32_t e = out_lo; e < out_hi; ++e) {
         const uint32_t at = outlier_index(p.idx, idx_bytes, e);
         if (at >= base && at < base + KV_Q_CHUNK) {
-            set_lane(v, at - base, __half2float(p.val[e]));
+            add_lane(v, at - base, __half2float(p.val[e]));
         }
     }
 }

@@ -12,7 +12,9 @@
 //!
 //! A block stores K and V as `Part`s: the backbone quantization of `X - S` (`QuantMatrix`), and
 //! for GEAR the sparse outliers `S` and the low-rank factors of the residual. A token's decoded
-//! value is `deq(Q) + A Bᵀ` off the outliers' positions and the outlier's exact value on them.
+//! value is `deq(Q) + A Bᵀ`, plus on an outlier's position its stored correction (its value
+//! minus `deq(Q) + A Bᵀ` there, computed at compression and rounded to f16), which gives the
+//! outlier back to within an f16 rounding of the correction.
 //!
 //! Eviction drops a token's row everywhere it has one (codes, per-token scales, its row of `A`,
 //! its outliers) and compacts the arrays; what is shared by rows (per-channel key scales of a row
@@ -32,7 +34,7 @@ use half::slice::HalfFloatSliceExt;
 use super::direct::{self, Kernel, Portable};
 use super::lowrank::LowRank;
 use super::quant::{Layout, QuantMatrix};
-use super::sparse::{outlier_count, Outliers, Positions};
+use super::sparse::{best_code, outlier_count, Outliers, Positions};
 use super::{KvBytes, MAX_DIRECT_QUERIES, MAX_HEAD_DIM, MAX_RANK};
 use crate::rng::Rng;
 
@@ -134,7 +136,7 @@ impl Part {
     /// Compresses `x` (`[n, d]`, used as scratch) with rank `rank` (GEAR) or as a plain quantized
     /// matrix (`gear` is `None`).
     fn compress(x: &mut [f32], n: usize, d: usize, bits: u32, layout: Layout, gear: Option<(&GearScheme, usize)>, rng: &mut Rng) -> Part {
-        let (out, skip) = match gear {
+        let (mut out, skip) = match gear {
             Some((g, _)) => Outliers::extract(x, outlier_count(g.outliers, n * d)),
             None => (Outliers::default(), Vec::new()),
         };
@@ -153,6 +155,17 @@ impl Part {
             }
             _ => LowRank::default(),
         };
+        // Each outlier becomes its correction to what `decode_row` gives at its place, with the
+        // code there chosen to cancel most of the correction's rounding.
+        let mut q = q;
+        let levels = (1u32 << bits) - 1;
+        out.into_corrections(|p, v| {
+            let (j, c) = (p / d, p % d);
+            let (s, z) = q.scale_of(j, c);
+            let (code, corr) = best_code(v, s, z, (lr.rank > 0).then(|| lr.entry(j, c)), levels);
+            q.set_code(j, c, code);
+            corr
+        });
         Part { q, out, lr }
     }
 
@@ -182,9 +195,7 @@ impl Part {
                 s += dot(&aj[..r], &bq[..r]);
             }
             while oi < n_out && self.out.pos(oi) < (j + 1) * d {
-                let c = self.out.pos(oi) - j * d;
-                let dense = row[c] + if r > 0 { self.lr.entry_with(&aj[..r], c) } else { 0.0 };
-                s += q[c] * (self.out.value(oi) - dense);
+                s += q[self.out.pos(oi) - j * d] * self.out.value(oi);
                 oi += 1;
             }
             out[j] = s;
@@ -208,9 +219,7 @@ impl Part {
                 axpy(&mut pa[..r], pj, &aj[..r]);
             }
             while oi < n_out && self.out.pos(oi) < (j + 1) * d {
-                let c = self.out.pos(oi) - j * d;
-                let dense = row[c] + if r > 0 { self.lr.entry_with(&aj[..r], c) } else { 0.0 };
-                out[c] += pj * (self.out.value(oi) - dense);
+                out[self.out.pos(oi) - j * d] += pj * self.out.value(oi);
                 oi += 1;
             }
         });
@@ -249,9 +258,7 @@ impl Part {
                 out[i * stride + j - j0] = s;
             }
             while oi < n_out && self.out.pos(oi) < (j + 1) * d {
-                let c = self.out.pos(oi) - j * d;
-                let dense = row[c] + if r > 0 { self.lr.entry_with(&aj[..r], c) } else { 0.0 };
-                let delta = self.out.value(oi) - dense;
+                let (c, delta) = (self.out.pos(oi) - j * d, self.out.value(oi));
                 for i in 0..n_q {
                     out[i * stride + j - j0] += qs[i * d + c] * delta;
                 }
@@ -287,9 +294,7 @@ impl Part {
                 }
             }
             while oi < n_out && self.out.pos(oi) < (j + 1) * d {
-                let c = self.out.pos(oi) - j * d;
-                let dense = row[c] + if r > 0 { self.lr.entry_with(&aj[..r], c) } else { 0.0 };
-                let delta = self.out.value(oi) - dense;
+                let (c, delta) = (self.out.pos(oi) - j * d, self.out.value(oi));
                 for i in 0..n_q {
                     out[i * d + c] += p[i * stride + j - j0] * delta;
                 }
@@ -312,11 +317,10 @@ impl Part {
         unsafe { K::f16s(&self.lr.b, bf) };
     }
 
-    /// `f(j, c, value - dense)` for each outlier in the rows `lo..hi`, `dense` being what the
-    /// backbone and the low-rank term (`B` in f32: `bf`) give at its place, which the direct
-    /// paths count before the corrections.
+    /// `f(j, c, correction)` for each outlier in the rows `lo..hi`: what the direct paths add
+    /// at its place to the backbone and low-rank terms they have counted.
     #[inline(always)]
-    fn outlier_deltas<K: Kernel>(&self, lo: usize, hi: usize, d: usize, bf: &[f32], f: impl FnMut(usize, usize, f32)) {
+    fn outlier_deltas<K: Kernel>(&self, lo: usize, hi: usize, d: usize, f: impl FnMut(usize, usize, f32)) {
         let n_out = self.out.len();
         if n_out == 0 || lo >= hi {
             return;
@@ -325,34 +329,11 @@ impl Part {
         let last = partition_point(n_out, |i| self.out.pos(i) < hi * d);
         let vals = &self.out.values()[first..last];
         match self.out.positions() {
-            Positions::U16(p) => self.deltas_of::<K, u16>(&p[first..last], vals, d, bf, f),
-            Positions::U32(p) => self.deltas_of::<K, u32>(&p[first..last], vals, d, bf, f),
+            Positions::U16(p) => deltas_of::<K, u16>(&p[first..last], vals, d, f),
+            Positions::U32(p) => deltas_of::<K, u32>(&p[first..last], vals, d, f),
         }
     }
 
-    /// `outlier_deltas` over the outliers at `pos` (flat indices, ascending) with values `vals`.
-    #[inline(always)]
-    fn deltas_of<K: Kernel, P: Copy + Into<u64>>(&self, pos: &[P], vals: &[f16], d: usize, bf: &[f32], mut f: impl FnMut(usize, usize, f32)) {
-        let r = self.lr.rank;
-        // Head sizes are powers of two in practice: a shift, not a division, per outlier.
-        let shift = d.is_power_of_two().then(|| d.trailing_zeros());
-        let mut cur = self.q.cursor();
-        for (&p, &v) in pos.iter().zip(vals) {
-            let p = p.into() as usize;
-            let (j, c) = match shift {
-                Some(sh) => (p >> sh, p & (d - 1)),
-                None => (p / d, p % d),
-            };
-            let mut dense = cur.value::<K>(j, c);
-            // SAFETY: the caller runs `K` where the CPU has its instructions.
-            unsafe {
-                if r > 0 {
-                    dense += K::dot_f16(&self.lr.a[j * r..(j + 1) * r], &bf[c * r..(c + 1) * r]);
-                }
-                f(j, c, K::h2f(v) - dense);
-            }
-        }
-    }
 
     /// `scores_in` by the packed-code kernels, where the backbone allows it
     /// (`QuantMatrix::direct_ok`; false otherwise, and nothing is written): the backbone's dot
@@ -385,7 +366,7 @@ impl Part {
             }
         }
         let n_q = qs.len() / d;
-        self.outlier_deltas::<K>(lo, hi, d, bf, |j, c, delta| {
+        self.outlier_deltas::<K>(lo, hi, d, |j, c, delta| {
             for i in 0..n_q {
                 out[i * stride + j - j0] += qs[i * d + c] * delta;
             }
@@ -429,7 +410,7 @@ impl Part {
                 }
             }
         }
-        self.outlier_deltas::<K>(lo, hi, d, bf, |j, c, delta| {
+        self.outlier_deltas::<K>(lo, hi, d, |j, c, delta| {
             for i in 0..n_q {
                 out[i * d + c] += p[i * stride + j - j0] * delta;
             }
@@ -477,7 +458,7 @@ impl Part {
                 }
             }
             while oi < n_out && self.out.pos(oi) < (j + 1) * d {
-                row[self.out.pos(oi) - j * d] = self.out.value(oi);
+                row[self.out.pos(oi) - j * d] += self.out.value(oi);
                 oi += 1;
             }
             f(j, row);
@@ -495,7 +476,7 @@ impl Part {
         for i in 0..self.out.len() {
             let p = self.out.pos(i);
             if p / d == j {
-                dst[p % d] = self.out.value(i);
+                dst[p % d] += self.out.value(i);
             }
         }
     }
@@ -504,6 +485,23 @@ impl Part {
         self.q.remove_rows(rows);
         self.lr.remove_rows(rows);
         self.out.remove_rows(rows, d);
+    }
+}
+
+/// `Part::outlier_deltas` over the outliers at `pos` (flat indices, ascending) with corrections
+/// `vals`.
+#[inline(always)]
+fn deltas_of<K: Kernel, P: Copy + Into<u64>>(pos: &[P], vals: &[f16], d: usize, mut f: impl FnMut(usize, usize, f32)) {
+    // Head sizes are powers of two in practice: a shift, not a division, per outlier.
+    let shift = d.is_power_of_two().then(|| d.trailing_zeros());
+    for (&p, &v) in pos.iter().zip(vals) {
+        let p = p.into() as usize;
+        let (j, c) = match shift {
+            Some(sh) => (p >> sh, p & (d - 1)),
+            None => (p / d, p % d),
+        };
+        // SAFETY: the caller runs `K` where the CPU has its instructions.
+        f(j, c, unsafe { K::h2f(v) });
     }
 }
 

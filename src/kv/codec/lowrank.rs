@@ -94,7 +94,7 @@ fn masked_error(x: &[f32], d: usize, r: usize, a: &[f32], b: &[f32], skip: &[u32
 
 impl LowRank {
     /// Fits rank-`rank` f16 factors to `x` (`[n, d]`); the error is measured off the `skip`
-    /// positions (outliers, which the sparse term restores exactly).
+    /// positions (outliers, which the sparse term corrects).
     pub(crate) fn fit(x: &[f32], n: usize, d: usize, rank: usize, iters: usize, rng: &mut Rng, skip: &[u32]) -> LowRank {
         if rank == 0 {
             return LowRank::default();
@@ -136,13 +136,6 @@ impl LowRank {
         for (o, a) in out.iter_mut().zip(&self.a[j * r..(j + 1) * r]) {
             *o = a.to_f32();
         }
-    }
-
-    /// Entry `(j, c)` of `A Bᵀ` given row `j` of `A` (`aj`, from `a_row`).
-    #[inline]
-    pub(crate) fn entry_with(&self, aj: &[f32], c: usize) -> f32 {
-        let r = self.rank;
-        aj.iter().zip(&self.b[c * r..(c + 1) * r]).map(|(&a, b)| a * b.to_f32()).sum()
     }
 
     /// Entry `(j, c)` of `A Bᵀ`.

@@ -75,6 +75,8 @@ pub(crate) use blocked::block_seed;
 #[cfg(test)]
 pub(crate) use pack::{f16_down, f16_up};
 pub(crate) use pack::row_bytes;
+#[cfg(test)]
+pub(crate) use sparse::best_code;
 pub(crate) use sparse::{index_bytes, outlier_count};
 
 pub use fp16::Fp16Codec;
@@ -102,7 +104,7 @@ pub struct KvBytes {
     pub scales: usize,
     /// Low-rank factors (fp16).
     pub lowrank: usize,
-    /// Sparse outliers: (index, value) pairs.
+    /// Sparse outliers: (index, f16 correction) pairs.
     pub outliers: usize,
     /// Full-precision (fp16) tokens: the whole cache for `fp16`, the recent buffer otherwise.
     pub fp16: usize,
@@ -246,7 +248,7 @@ pub struct CodecParams {
     pub rank_decode: Option<usize>,
     /// `gear`: power-iteration steps (default 3).
     pub iters: Option<usize>,
-    /// `gear`: fraction of entries kept as exact outliers, in [0, 1) (default 0.02).
+    /// `gear`: fraction of entries kept as sparse outliers, in [0, 1) (default 0.02).
     pub outliers: Option<f64>,
     /// `uniform`, `gear`: fp16 buffer of recent tokens, compressed when it fills (default 20;
     /// `gear` with the group backbone 64).

@@ -44,47 +44,6 @@ pub(crate) struct QuantMatrix {
     group_rows: Vec<u32>,
 }
 
-/// Dequantized values at a few positions, visited in ascending row order (GEAR's outlier
-/// corrections on the direct paths): keeps its place among the row groups.
-pub(crate) struct ScaleCursor<'a> {
-    q: &'a QuantMatrix,
-    /// `Channel`: the current row group and its first row.
-    gi: usize,
-    start: usize,
-    /// `Token`: log2 of the group, where it is a power of two (else the group divides), and
-    /// the groups of a row.
-    shift: Option<u32>,
-    n_g: usize,
-}
-
-impl ScaleCursor<'_> {
-    /// The dequantized value of row `j`, channel `c`, computed as `for_rows_in` computes it;
-    /// `j` must not decrease from one call to the next.
-    #[inline(always)]
-    pub(crate) fn value<K: Kernel>(&mut self, j: usize, c: usize) -> f32 {
-        let q = self.q;
-        let at = match q.layout {
-            Layout::Token { group } => {
-                let g = match self.shift {
-                    Some(sh) => c >> sh,
-                    None => c / group,
-                };
-                (j * self.n_g + g) * 2
-            }
-            Layout::Channel { .. } => {
-                while j >= self.start + q.group_rows[self.gi] as usize {
-                    self.start += q.group_rows[self.gi] as usize;
-                    self.gi += 1;
-                }
-                (self.gi * q.d + c) * 2
-            }
-        };
-        let code = code_at(&q.codes[j * q.row_bytes..(j + 1) * q.row_bytes], q.bits, c) as f32;
-        // SAFETY: the caller runs `K` where the CPU has its instructions.
-        unsafe { code * K::h2f(q.scales[at]) + K::h2f(q.scales[at + 1]) }
-    }
-}
-
 /// f16 (step, zero) for values in `[lo, hi]` at `levels = 2^b - 1`.
 #[inline]
 fn params(lo: f32, hi: f32, levels: f32) -> (f16, f16) {
@@ -280,15 +239,6 @@ impl QuantMatrix {
             .filter(|(_, rows)| !rows.is_empty())
     }
 
-    /// A `ScaleCursor` at the first row.
-    pub(crate) fn cursor(&self) -> ScaleCursor<'_> {
-        let (shift, n_g) = match self.layout {
-            Layout::Token { group } => (group.is_power_of_two().then(|| group.trailing_zeros()), self.d / group),
-            Layout::Channel { .. } => (None, 0),
-        };
-        ScaleCursor { q: self, gi: 0, start: 0, shift, n_g }
-    }
-
     /// Scores straight from the codes (`direct_ok` must hold): for each row `j` of `rows` (cut
     /// at `n`) and query `i` of `qs` (`[n_q, d]`, `n_q <= MAX_DIRECT_QUERIES`),
     /// `out[i * stride + j - rows.start] = q_i . deq(x_j)`.
@@ -473,7 +423,7 @@ impl QuantMatrix {
     }
 
     /// The (step, zero) of row `j`, channel `c`.
-    fn scale_of(&self, j: usize, c: usize) -> (f32, f32) {
+    pub(crate) fn scale_of(&self, j: usize, c: usize) -> (f32, f32) {
         let at = match self.layout {
             Layout::Token { group } => (j * (self.d / group) + c / group) * 2,
             Layout::Channel { .. } => {
@@ -490,6 +440,20 @@ impl QuantMatrix {
             }
         };
         (self.scales[at].to_f32(), self.scales[at + 1].to_f32())
+    }
+
+    /// Sets the code of row `j`, channel `c` (at most `2^bits - 1`).
+    pub(crate) fn set_code(&mut self, j: usize, c: usize, code: u32) {
+        let row = &mut self.codes[j * self.row_bytes..(j + 1) * self.row_bytes];
+        let bit = c * self.bits as usize;
+        let mask = ((1u32 << self.bits) - 1) << (bit % 8);
+        let at = bit / 8;
+        let word = row[at] as u32 | row.get(at + 1).map_or(0, |&b| (b as u32) << 8);
+        let word = (word & !mask) | ((code << (bit % 8)) & mask);
+        row[at] = word as u8;
+        if let Some(b) = row.get_mut(at + 1) {
+            *b = (word >> 8) as u8;
+        }
     }
 
     /// Row `j` dequantized into `dst` (`d` values).
@@ -618,11 +582,6 @@ mod tests {
                         let what = format!("seed {seed} bits {bits} {layout:?} queries {n_q} rows {lo}..{hi}");
                         let mut sc = vec![f32::NAN; n_q * m];
                         q.scores_direct::<K>(lo..hi, &qs, &mut sc, m);
-                        let mut cur = q.cursor();
-                        for j in lo..hi.min(n) {
-                            assert_eq!(cur.value::<K>(j, 7), deq[j * d + 7], "{what}");
-                            assert_eq!(cur.value::<K>(j, d - 1), deq[j * d + d - 1], "{what}");
-                        }
                         for i in 0..n_q {
                             for j in lo..hi.min(n) {
                                 let terms = || (0..d).map(|c| qs[i * d + c] as f64 * deq[j * d + c] as f64);

@@ -1,5 +1,9 @@
-//! GEAR's sparse term: the entries of largest magnitude of a block's `[n, d]` matrix, kept
-//! exactly as (flat index `j * d + c`, f16 value) pairs sorted by index.
+//! GEAR's sparse term: the entries of largest magnitude of a block's `[n, d]` matrix, kept as
+//! (flat index `j * d + c`, f16 correction) pairs sorted by index. `extract` takes the values
+//! (exact: the cache's values are f16); `into_corrections` then turns each into what must be
+//! added to the rest of the decomposition at its place to give it back (value minus the backbone
+//! and the low-rank term there, rounded to f16), so that attention adds a stored number instead
+//! of recomputing the backbone's and the low-rank term's entry per outlier.
 //!
 //! Indices are u16 when the block has at most 65,536 entries and u32 otherwise. Dropping a row
 //! drops its pairs and renumbers the later ones.
@@ -31,6 +35,33 @@ pub(crate) fn index_bytes(n_entries: usize) -> usize {
     } else {
         4
     }
+}
+
+/// An outlier's code and f16 correction. Its place's code is free (the backbone quantized a zero
+/// there and the low-rank fit skips it), so of the backbone's codes `0..=levels` this takes the
+/// one for which `dense + correction` comes closest to the outlier's value `v`, `dense` being
+/// `code * s + z` (step `s`, zero `z`), plus the low-rank entry `l` where there is one, and the
+/// correction `f16(v - dense)`; ties go to the lower code. The f16 rounding of the correction
+/// (up to half an ulp of about `v`) is then mostly cancelled: with 16 codes to choose from, the
+/// decoded outlier is typically within a sixteenth of that. Every operation is a separately
+/// rounded f32 one, in the order decoding runs them (`deq`, `+ l`, `+ correction`).
+pub(crate) fn best_code(v: f32, s: f32, z: f32, l: Option<f32>, levels: u32) -> (u32, f16) {
+    let try_code = |code: u32| {
+        let mut dense = code as f32 * s + z;
+        if let Some(l) = l {
+            dense += l;
+        }
+        let corr = f16::from_f32(v - dense);
+        (corr, (dense + corr.to_f32() - v).abs())
+    };
+    let (mut best, (mut corr, mut err)) = (0, try_code(0));
+    for code in 1..=levels {
+        let (c, e) = try_code(code);
+        if e < err {
+            (best, corr, err) = (code, c, e);
+        }
+    }
+    (best, corr)
 }
 
 impl Outliers {
@@ -74,10 +105,22 @@ impl Outliers {
         }
     }
 
+    /// Pair `i`'s stored number: its value after `extract`, its correction after
+    /// `into_corrections`.
     #[inline]
     pub(crate) fn value(&self, i: usize) -> f32 {
         self.val[i].to_f32()
     }
+
+    /// Replaces each stored value `x` at flat index `p` by `correct(p, x)`, called in ascending
+    /// index order.
+    pub(crate) fn into_corrections(&mut self, mut correct: impl FnMut(usize, f32) -> f16) {
+        for i in 0..self.val.len() {
+            let p = self.pos(i);
+            self.val[i] = correct(p, self.val[i].to_f32());
+        }
+    }
+
 
     /// The stored indices, in their width.
     #[inline]
@@ -89,7 +132,7 @@ impl Outliers {
         }
     }
 
-    /// The stored values.
+    /// The stored numbers (see `value`).
     #[inline]
     pub(crate) fn values(&self) -> &[f16] {
         &self.val

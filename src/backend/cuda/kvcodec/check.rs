@@ -31,7 +31,7 @@ use crate::rng::Rng;
 /// Decoded tokens of uniform, group and GEAR without a low-rank term: the device reproduces
 /// the CPU's arithmetic operation for operation (f16 rounding, directed f16 scale rounding,
 /// IEEE division, round-half-away codes, separately rounded dequantization, the same outlier
-/// selection with its ties), so every value is identical.
+/// selection with its ties, the same outlier corrections), so every value is identical.
 pub const KV_STORAGE_EXACT: Tolerance = Tolerance { atol: 0.0, rtol: 0.0 };
 
 /// GEAR with a low-rank term: the power iteration's products are summed in the CPU's order, but

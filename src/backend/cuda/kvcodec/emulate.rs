@@ -12,7 +12,7 @@ use half::f16;
 use super::super::ffi::{KvQBlock, KvQCompressJob, KvQSegment, KV_Q_BUFFER_BLOCK, KV_Q_PREFILL_QROWS, KV_Q_SEG_COPY, KV_Q_SEG_IDX16, KV_Q_SPACE_ARENA, KV_Q_SPACE_BUF_K, KV_Q_SPACE_BUF_V, KV_Q_SPACE_SCRATCH};
 use super::plan::{BufResize, Scheme, Store, Tables};
 use super::{arena_estimate, scheme_of};
-use crate::kv::codec::{f16_down, f16_up, CodecParams, KvBytes};
+use crate::kv::codec::{best_code, f16_down, f16_up, CodecParams, KvBytes};
 use crate::rng::Rng;
 
 const CHUNK: usize = 8;
@@ -126,7 +126,7 @@ fn decode_chunk(s: &Scheme, a: &[u8], blk: &KvQBlock, part: usize, row: usize, g
     for e in out_lo..out_hi {
         let at = outlier_index(a, p.idx as usize, blk.idx_bytes, e);
         if at >= base && at < base + CHUNK as u32 {
-            v[(at - base) as usize] = rd_f16(a, p.val as usize + 2 * e);
+            v[(at - base) as usize] += rd_f16(a, p.val as usize + 2 * e);
         }
     }
     v
@@ -137,16 +137,11 @@ fn decode_chunk(s: &Scheme, a: &[u8], blk: &KvQBlock, part: usize, row: usize, g
 fn factored_chunk(s: &Scheme, a: &[u8], blk: &KvQBlock, part: usize, row: usize, group: usize, out_lo: usize, out_hi: usize, ck: usize) -> [f32; CHUNK] {
     let p = &blk.part[part];
     let mut v = dequant_chunk(s, a, p.codes as usize, p.scales as usize, part, row, group, ck);
-    let rank = blk.rank as usize;
     let base = (row * s.head_dim) as u32;
     for e in out_lo..out_hi {
         let at = (outlier_index(a, p.idx as usize, blk.idx_bytes, e) - base) as usize;
         if at >> 3 == ck {
-            let mut x = rd_f16(a, p.val as usize + 2 * e);
-            if rank > 0 {
-                x -= lowrank_entry(a, p.a as usize, p.b as usize, rank, row, at);
-            }
-            v[at & 7] = x;
+            v[at & 7] += rd_f16(a, p.val as usize + 2 * e);
         }
     }
     v
@@ -392,9 +387,35 @@ impl Emu {
             let at = p.codes as usize + j * s.row_bytes() + kc * s.bits as usize;
             a[at..at + s.bits as usize].copy_from_slice(&w.to_le_bytes()[..s.bits as usize]);
         }
-        if rank == 0 {
-            return;
+        if rank > 0 {
+            self.emu_lowrank(job, part, &x, &mask, b0);
         }
+        let a = &mut self.arena;
+        for e in 0..k_out {
+            let at = outlier_index(a, p.idx as usize, blk.idx_bytes, e) as usize;
+            let (j, c) = (at / d, at % d);
+            let gi = if channel { j / s.k_group } else { 0 };
+            let (st, z) = scale_at(&s, a, p.scales as usize, part, j, gi, c);
+            let l = (rank > 0).then(|| lowrank_entry(a, p.a as usize, p.b as usize, rank, j, c));
+            let (code, corr) = best_code(rd_f16(a, p.val as usize + 2 * e), st, z, l, levels as u32);
+            let chunk = p.codes as usize + j * s.row_bytes() + (c / CHUNK) * s.bits as usize;
+            let shift = (c % CHUNK) as u32 * s.bits;
+            let w = load_chunk(a, p.codes as usize + j * s.row_bytes(), c / CHUNK, s.bits);
+            let w = (w & !(((1u64 << s.bits) - 1) << shift)) | (code as u64) << shift;
+            a[chunk..chunk + s.bits as usize].copy_from_slice(&w.to_le_bytes()[..s.bits as usize]);
+            wr_f16(a, p.val as usize + 2 * e, corr);
+        }
+    }
+
+    /// gear.cu's compress_part, passes 5 and 6: the power iteration on the residual `x` and the
+    /// f16 factors, zeroed when they make the error (off `mask`) worse.
+    fn emu_lowrank(&mut self, job: &KvQCompressJob, part: usize, x: &[f32], mask: &[bool], b0: &[f32]) {
+        let s = self.s();
+        let blk = &job.blk;
+        let p = blk.part[part];
+        let (d, m, rank) = (s.head_dim, blk.n_rows as usize, blk.rank as usize);
+        let n = m * d;
+        let a = &mut self.arena;
         let start = job.b0 as usize + part * d * rank;
         let mut fb: Vec<f32> = b0[start..start + d * rank].to_vec();
         let mut fa = vec![0f32; m * rank];
