@@ -140,7 +140,7 @@ impl Part {
             Some((g, _)) => Outliers::extract(x, outlier_count(g.outliers, n * d)),
             None => (Outliers::default(), Vec::new()),
         };
-        let q = QuantMatrix::quantize(x, n, d, bits, layout);
+        let mut q = QuantMatrix::quantize(x, n, d, bits, layout);
         let lr = match gear {
             Some((g, rank)) if rank > 0 => {
                 q.for_rows(n, |j, row| {
@@ -157,7 +157,6 @@ impl Part {
         };
         // Each outlier becomes its correction to what `decode_row` gives at its place, with the
         // code there chosen to cancel most of the correction's rounding.
-        let mut q = q;
         let levels = (1u32 << bits) - 1;
         out.into_corrections(|p, v| {
             let (j, c) = (p / d, p % d);
@@ -333,7 +332,6 @@ impl Part {
             Positions::U32(p) => deltas_of::<K, u32>(&p[first..last], vals, d, f),
         }
     }
-
 
     /// `scores_in` by the packed-code kernels, where the backbone allows it
     /// (`QuantMatrix::direct_ok`; false otherwise, and nothing is written): the backbone's dot

@@ -636,6 +636,25 @@ mod tests {
     }
 
     #[test]
+    fn set_code_changes_that_code_alone() {
+        let seed = Rng::seed_from_time();
+        let mut rng = Rng::new(seed);
+        let (n, d) = (5, 40);
+        let x: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+        for bits in 1..=8 {
+            let mut q = QuantMatrix::quantize(&x, n, d, bits, Layout::Token { group: 8 });
+            let codes_of = |q: &QuantMatrix| -> Vec<u32> { (0..n * d).map(|e| code_at(&q.codes[e / d * q.row_bytes..(e / d + 1) * q.row_bytes], bits, e % d)).collect() };
+            let mut want = codes_of(&q);
+            for _ in 0..200 {
+                let (j, c, code) = (rng.below(n as u64) as usize, rng.below(d as u64) as usize, rng.below(1 << bits) as u32);
+                q.set_code(j, c, code);
+                want[j * d + c] = code;
+                assert_eq!(codes_of(&q), want, "seed {seed} bits {bits}: set ({j},{c}) to {code}");
+            }
+        }
+    }
+
+    #[test]
     fn removing_rows_keeps_survivors_bit_identical() {
         let seed = Rng::seed_from_time();
         let mut rng = Rng::new(seed);
