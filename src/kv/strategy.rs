@@ -514,7 +514,7 @@ pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_
         n_total
     } else {
         let budget = spec.policy_params.budget.context("an evicting strategy needs a budget")?;
-        let sinks = spec.policy_params.sinks.unwrap_or(if spec.policy == "window" { 4 } else { 0 });
+        let sinks = spec.policy_params.sinks_or_default(&spec.policy);
         Budget::from_f64(budget)?.resolve(n_prompt, sinks)?.min(n_total)
     };
     let c = &spec.codec_params;
@@ -546,10 +546,8 @@ pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_
         };
         // H2O never evicts its recent window; the youngest tokens older than it have had the
         // least time to gather attention, so the estimate takes them first.
-        let recent = (spec.policy == "h2o").then(|| {
-            let p = &spec.policy_params;
-            crate::kv::policy::recent_tokens(p.recent.unwrap_or(crate::kv::policy::DEFAULT_RECENT), p.sinks.unwrap_or(0), held)
-        });
+        let p = &spec.policy_params;
+        let recent = (spec.policy == "h2o").then(|| crate::kv::policy::recent_tokens(p.recent_or_default(), p.sinks_or_default("h2o"), held));
         let per_head = evicting_estimate(&*block, nb, shared_scales, recent, head_dim, n_prompt, n_batch, n_decode, held);
         let mut all = KvBytes::default();
         for _ in 0..n_kv_heads {
@@ -575,9 +573,10 @@ pub fn formula_bytes(spec: &StrategySpec, n_kv_heads: usize, head_dim: usize, n_
 /// each row group's per-channel key scales (`shared_scales` bytes per row). H2O keeps heavy
 /// hitters from across the context, so every block made is counted with all its shared parts.
 /// An evicted row frees its codes, its per-token scales, its row of `A`, and its share of the
-/// block's outliers (a row holds as many as its values made it). Exact while nothing has been evicted from a block (a prompt in one
-/// batch, before decoding); otherwise the bytes depend on which rows attention keeps, and the
-/// figure is an estimate (`results/memory-llama2-7b.md` gives its measured error).
+/// block's outliers (a row holds as many as its values made it). Exact while nothing has been
+/// evicted from a block (a prompt in one batch, before decoding); otherwise the bytes depend on
+/// which rows attention keeps, and the figure is an estimate (`results/memory-llama2-7b.md`
+/// gives its measured error).
 #[allow(clippy::too_many_arguments)]
 fn evicting_estimate(
     block: &dyn Fn(usize, bool) -> KvBytes,

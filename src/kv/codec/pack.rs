@@ -104,6 +104,19 @@ pub(crate) fn code_at(src: &[u8], bits: u32, i: usize) -> u32 {
     ((lo | hi << 8) >> (bit % 8)) & ((1u32 << bits) - 1)
 }
 
+/// Sets code `i` of a packed row to `code` (its low `bits` bits), leaving the others.
+pub(crate) fn set_code_at(dst: &mut [u8], bits: u32, i: usize, code: u32) {
+    let bit = i * bits as usize;
+    let byte = bit / 8;
+    let mask = ((1u32 << bits) - 1) << (bit % 8);
+    let word = dst[byte] as u32 | dst.get(byte + 1).map_or(0, |&b| (b as u32) << 8);
+    let word = (word & !mask) | ((code << (bit % 8)) & mask);
+    dst[byte] = word as u8;
+    if let Some(b) = dst.get_mut(byte + 1) {
+        *b = (word >> 8) as u8;
+    }
+}
+
 /// The next f16 below `h` (towards -inf); NaN and -inf stay.
 fn step_down(h: f16) -> f16 {
     if h.is_nan() || h == f16::NEG_INFINITY {

@@ -22,7 +22,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::direct::{self, Kernel};
-use super::pack::{code_at, f16_down, f16_up, pack_row, row_bytes, unpack_row};
+use super::pack::{code_at, f16_down, f16_up, pack_row, row_bytes, set_code_at, unpack_row};
 use super::{MAX_DIRECT_QUERIES, MAX_HEAD_DIM};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -444,16 +444,7 @@ impl QuantMatrix {
 
     /// Sets the code of row `j`, channel `c` (at most `2^bits - 1`).
     pub(crate) fn set_code(&mut self, j: usize, c: usize, code: u32) {
-        let row = &mut self.codes[j * self.row_bytes..(j + 1) * self.row_bytes];
-        let bit = c * self.bits as usize;
-        let mask = ((1u32 << self.bits) - 1) << (bit % 8);
-        let at = bit / 8;
-        let word = row[at] as u32 | row.get(at + 1).map_or(0, |&b| (b as u32) << 8);
-        let word = (word & !mask) | ((code << (bit % 8)) & mask);
-        row[at] = word as u8;
-        if let Some(b) = row.get_mut(at + 1) {
-            *b = (word >> 8) as u8;
-        }
+        set_code_at(&mut self.codes[j * self.row_bytes..(j + 1) * self.row_bytes], self.bits, c, code);
     }
 
     /// Row `j` dequantized into `dst` (`d` values).

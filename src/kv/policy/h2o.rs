@@ -18,7 +18,7 @@ use anyhow::{bail, Result};
 use std::cmp::Ordering;
 
 /// The paper's split: half the budget for recent tokens, half for heavy hitters.
-pub const DEFAULT_RECENT: f64 = 0.5;
+pub(super) const DEFAULT_RECENT: f64 = 0.5;
 
 /// `R = min(floor(recent * B), B - sinks)`: the newest tokens H2O always keeps under a budget
 /// of `B = budget_tokens`.

@@ -23,7 +23,7 @@ mod keep_all;
 mod sieve;
 mod window;
 
-pub use h2o::{recent_tokens, DEFAULT_RECENT, H2O};
+pub use h2o::{recent_tokens, H2O};
 pub use keep_all::KeepAll;
 pub use sieve::Sieve;
 pub use window::Window;
@@ -144,6 +144,18 @@ pub struct PolicyParams {
     pub threshold: Option<f64>,
 }
 
+impl PolicyParams {
+    /// `sinks` as policy `name` applies it: the given count, else the policy's default.
+    pub fn sinks_or_default(&self, name: &str) -> usize {
+        self.sinks.unwrap_or(if name == "window" { window::DEFAULT_SINKS } else { 0 })
+    }
+
+    /// h2o's `recent` as it applies it: the given fraction, else the paper's split.
+    pub fn recent_or_default(&self) -> f64 {
+        self.recent.unwrap_or(h2o::DEFAULT_RECENT)
+    }
+}
+
 /// The policy names `make_policy` knows.
 pub const POLICY_NAMES: [&str; 4] = ["keep_all", "window", "h2o", "sieve"];
 
@@ -175,17 +187,16 @@ pub fn make_policy(name: &str, params: &PolicyParams, n_kv_heads: usize) -> Resu
         "window" => {
             reject("recent", params.recent.is_some())?;
             reject("threshold", params.threshold.is_some())?;
-            Ok(Box::new(Window::new(n_kv_heads, budget()?, params.sinks.unwrap_or(window::DEFAULT_SINKS))?))
+            Ok(Box::new(Window::new(n_kv_heads, budget()?, params.sinks_or_default(name))?))
         }
         "h2o" => {
             reject("threshold", params.threshold.is_some())?;
-            let recent = params.recent.unwrap_or(h2o::DEFAULT_RECENT);
-            Ok(Box::new(H2O::new(n_kv_heads, budget()?, recent, params.sinks.unwrap_or(0))?))
+            Ok(Box::new(H2O::new(n_kv_heads, budget()?, params.recent_or_default(), params.sinks_or_default(name))?))
         }
         "sieve" => {
             reject("recent", params.recent.is_some())?;
             let threshold = params.threshold.unwrap_or(sieve::DEFAULT_THRESHOLD);
-            Ok(Box::new(Sieve::new(n_kv_heads, budget()?, threshold, params.sinks.unwrap_or(0))?))
+            Ok(Box::new(Sieve::new(n_kv_heads, budget()?, threshold, params.sinks_or_default(name))?))
         }
         _ => bail!("unknown policy {name:?}; known: {}", POLICY_NAMES.join(", ")),
     }

@@ -91,6 +91,11 @@ fn load_chunk(a: &[u8], row: usize, k: usize, bits: u32) -> u64 {
     w
 }
 
+fn store_chunk(a: &mut [u8], row: usize, k: usize, bits: u32, w: u64) {
+    let p = row + k * bits as usize;
+    a[p..p + bits as usize].copy_from_slice(&w.to_le_bytes()[..bits as usize]);
+}
+
 fn dequant_chunk(s: &Scheme, a: &[u8], part_codes: usize, scales: usize, part: usize, row: usize, group: usize, k: usize) -> [f32; CHUNK] {
     let w = load_chunk(a, part_codes + row * s.row_bytes(), k, s.bits);
     let mask = (1u64 << s.bits) - 1;
@@ -384,8 +389,7 @@ impl Emu {
                     x[j * d + c] = if mask[j * d + c] { 0.0 } else { x[j * d + c] - dequant(code, st, z) };
                 }
             }
-            let at = p.codes as usize + j * s.row_bytes() + kc * s.bits as usize;
-            a[at..at + s.bits as usize].copy_from_slice(&w.to_le_bytes()[..s.bits as usize]);
+            store_chunk(a, p.codes as usize + j * s.row_bytes(), kc, s.bits, w);
         }
         if rank > 0 {
             self.emu_lowrank(job, part, &x, &mask, b0);
@@ -398,11 +402,9 @@ impl Emu {
             let (st, z) = scale_at(&s, a, p.scales as usize, part, j, gi, c);
             let l = (rank > 0).then(|| lowrank_entry(a, p.a as usize, p.b as usize, rank, j, c));
             let (code, corr) = best_code(rd_f16(a, p.val as usize + 2 * e), st, z, l, levels as u32);
-            let chunk = p.codes as usize + j * s.row_bytes() + (c / CHUNK) * s.bits as usize;
-            let shift = (c % CHUNK) as u32 * s.bits;
-            let w = load_chunk(a, p.codes as usize + j * s.row_bytes(), c / CHUNK, s.bits);
-            let w = (w & !(((1u64 << s.bits) - 1) << shift)) | (code as u64) << shift;
-            a[chunk..chunk + s.bits as usize].copy_from_slice(&w.to_le_bytes()[..s.bits as usize]);
+            let (row, shift) = (p.codes as usize + j * s.row_bytes(), (c % CHUNK) as u32 * s.bits);
+            let w = load_chunk(a, row, c / CHUNK, s.bits);
+            store_chunk(a, row, c / CHUNK, s.bits, (w & !(((1u64 << s.bits) - 1) << shift)) | (code as u64) << shift);
             wr_f16(a, p.val as usize + 2 * e, corr);
         }
     }
