@@ -10,13 +10,16 @@
 //!   is quantized as `quantize_row_q8_0/q8_1` do (`x * (127/amax)` rounded half to even, an f16
 //!   scale, and for Q8_1 the f16 `d * sum`); a weight block contributes `fma(d_w*d_x,
 //!   isum, acc)` across 8 lanes, its minimum `fma(m_w, s_x, summs)`; lanes are folded as
-//!   `hsum_float_8`. With AVX-512 VNNI, Q4_K and Q6_K dot their codes with the same int8
-//!   activations (llama.cpp uses Q8_K, so these differ from it); the other k-quants and the float
-//!   types, and every k-quant without VNNI, are dequantized block by block and dotted in f32.
+//!   `hsum_float_8`. With AVX2 or AVX-512 VNNI (the same results), Q4_K and Q6_K dot their codes
+//!   with the same int8 activations (llama.cpp uses Q8_K, so these differ from it); the other
+//!   k-quants and the float types, and every k-quant on the portable path, are dequantized block
+//!   by block and dotted in f32.
 //! - RMSNorm: squares in f32 summed in f64, mean and scale in f32, `(x * scale) * w`.
 //! - RoPE: angles `pos * theta_scale^i` by repeated f32 multiplication, `sinf`/`cosf`, and the
 //!   rotation `fma(x0, cos, -(x1*sin))`, `fma(x0, sin, x1*cos)`.
-//! - SwiGLU: SiLU through ggml's vectorised `expf` polynomial.
+//! - SwiGLU: SiLU through ggml's vectorised `expf` polynomial in its AVX-512 form, on every SIMD
+//!   path (the AVX2 and portable paths compute the same bits; ggml's own 256-bit form is a
+//!   variant that can round differently).
 //! - Attention: ggml's single-chunk CPU flash attention (Q in f16, `vec_dot_f16`'s reduction order,
 //!   online softmax with an f16 value accumulator).
 
@@ -403,6 +406,54 @@ mod x86 {
         super::silu_mul_scalar(&mut gate[i..n], &up[i..n]);
     }
 
+    /// [`super::silu_mul_scalar`] in 8 lanes with AVX2 and FMA, the same operations in the same
+    /// order (`2^n` as the product of two powers of two built from exponent bits), so it equals
+    /// the scalar path bit for bit; the tail through the scalar twin.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+        let n = gate.len().min(up.len());
+        let c = |b: u32| _mm256_set1_ps(f32::from_bits(b));
+        let bias = _mm256_set1_epi32(127);
+        let mut i = 0;
+        while i + 8 <= n {
+            let x = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let nx = _mm256_sub_ps(_mm256_setzero_ps(), x);
+            let r = c(0x4b40_0000);
+            let z = _mm256_fmadd_ps(nx, c(0x3fb8_aa3b), r);
+            let nn = _mm256_sub_ps(z, r);
+            let b = _mm256_fnmadd_ps(nn, c(0x35bf_be8e), _mm256_fnmadd_ps(nn, c(0x3f31_7200), nx));
+            let big = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_andnot_ps(_mm256_set1_ps(-0.0), nn), _mm256_set1_ps(192.0));
+            let u = _mm256_mul_ps(b, b);
+            let j = _mm256_fmadd_ps(
+                _mm256_fmadd_ps(_mm256_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)), u, _mm256_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb))),
+                u,
+                _mm256_fmadd_ps(c(0x3f7f_fff6), b, _mm256_set1_ps(1.0)),
+            );
+            // k1 = k / 2 rounded toward zero, k2 = k - k1, as the scalar code splits k.
+            let k = _mm256_cvtps_epi32(nn);
+            let k1 = _mm256_srai_epi32::<1>(_mm256_add_epi32(k, _mm256_srli_epi32::<31>(k)));
+            let k2 = _mm256_sub_epi32(k, k1);
+            let p1 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(k1, bias)));
+            let p2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(k2, bias)));
+            let mut e = _mm256_mul_ps(_mm256_mul_ps(j, p1), p2);
+            if _mm256_movemask_ps(big) != 0 {
+                let le = _mm256_cmp_ps::<_CMP_LE_OQ>(nn, _mm256_setzero_ps());
+                let alt = _mm256_blendv_ps(_mm256_set1_ps(f32::INFINITY), _mm256_setzero_ps(), le);
+                e = _mm256_blendv_ps(e, alt, big);
+            }
+            let y = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e));
+            _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(y, _mm256_loadu_ps(up.as_ptr().add(i))));
+            i += 8;
+        }
+        super::silu_mul_scalar(&mut gate[i..n], &up[i..n]);
+    }
+
+    /// `super::online_softmax` compiled with FMA, so its `mul_add` is an instruction, not a call.
+    #[target_feature(enable = "fma")]
+    pub(super) unsafe fn online_softmax(keys: &super::Keys, acc: &mut [half::f16], scores: Option<&mut Vec<f32>>) -> (f32, f32) {
+        super::online_softmax(keys, acc, scores)
+    }
+
     /// `super::rope_rows` compiled with FMA, so its `mul_add`s are instructions, not calls.
     #[target_feature(enable = "fma")]
     pub unsafe fn rope_rows(x: &mut [f32], pos0: usize, p: &super::RopeParams) {
@@ -579,102 +630,113 @@ mod x86 {
         }
     }
 
-    /// Dot products of one Q4_K row with 1 to 4 activation rows quantized in 32-value blocks,
-    /// which are Q4_K's sub-blocks: the 32 codes of a sub-block (low or high nibbles of 32 code
-    /// bytes) are dotted with the activation block by `vpdpbusd` and scaled by `d * sc * d_x`
-    /// into the accumulator; the minimum contributes `dmin * m * d_x * sum(x)`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn dot_q4_k(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
-        with_tokens!(xs.len(), dot_q4_k_n(row, xs, out))
-    }
+    /// The k-quant kernels, once per integer dot product: `idot_vnni` (`vpdpbusd`) and
+    /// `idot_avx2` (`vpmaddubsw` then `vpmaddwd`). Neither product saturates: a pair of Q4_K codes
+    /// times activations is at most `2 * 15 * 127`, of Q6_K codes `2 * 63 * 127`, of the offset 32
+    /// `2 * 32 * 127`, all inside i16, so both give the same exact sums and the same results.
+    macro_rules! kquant_dots {
+        ($q4k:ident, $q4k_n:ident, $q6k:ident, $q6k_n:ident, $feat:literal, $idot:ident) => {
+        /// Dot products of one Q4_K row with 1 to 4 activation rows quantized in 32-value blocks,
+        /// which are Q4_K's sub-blocks: the 32 codes of a sub-block (low or high nibbles of 32 code
+        /// bytes) are dotted with the activation block by the integer dot product and scaled by `d * sc * d_x`
+        /// into the accumulator; the minimum contributes `dmin * m * d_x * sum(x)`.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $q4k(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+            with_tokens!(xs.len(), $q4k_n(row, xs, out))
+        }
 
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn dot_q4_k_n<const N: usize>(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
-        let nsb = row.len() / 144;
-        let m4 = _mm256_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); N];
-        let mut mins = [0.0f32; N];
-        let xq: [*const i8; N] = std::array::from_fn(|t| xs[t].qs.as_ptr());
-        let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
-        let xsum: [*const i32; N] = std::array::from_fn(|t| xs[t].sum.as_ptr());
-        for sb in 0..nsb {
-            let blk = &row[sb * 144..(sb + 1) * 144];
-            let (d, dmin) = (f16_at(blk.as_ptr()), f16_at(blk.as_ptr().add(2)));
-            let scales = &blk[4..16];
-            for c in 0..4 {
-                let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * c) as *const __m256i);
-                let codes = [_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4)];
-                for (h, &w) in codes.iter().enumerate() {
-                    let j = 2 * c + h;
-                    let (sc, m) = crate::format::quant::scale_min_k4(j, scales);
-                    let (ds, dm) = (d * f32::from(sc), dmin * f32::from(m));
-                    let b = sb * 8 + j;
-                    for t in 0..N {
-                        let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
-                        let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x));
-                        let dx = *xd[t].add(b);
-                        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ds * dx), s, acc[t]);
-                        mins[t] += dm * dx * *xsum[t].add(b) as f32;
+        #[target_feature(enable = $feat)]
+        unsafe fn $q4k_n<const N: usize>(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+            let nsb = row.len() / 144;
+            let m4 = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut mins = [0.0f32; N];
+            let xq: [*const i8; N] = std::array::from_fn(|t| xs[t].qs.as_ptr());
+            let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
+            let xsum: [*const i32; N] = std::array::from_fn(|t| xs[t].sum.as_ptr());
+            for sb in 0..nsb {
+                let blk = &row[sb * 144..(sb + 1) * 144];
+                let (d, dmin) = (f16_at(blk.as_ptr()), f16_at(blk.as_ptr().add(2)));
+                let scales = &blk[4..16];
+                for c in 0..4 {
+                    let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * c) as *const __m256i);
+                    let codes = [_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4)];
+                    for (h, &w) in codes.iter().enumerate() {
+                        let j = 2 * c + h;
+                        let (sc, m) = crate::format::quant::scale_min_k4(j, scales);
+                        let (ds, dm) = (d * f32::from(sc), dmin * f32::from(m));
+                        let b = sb * 8 + j;
+                        for t in 0..N {
+                            let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
+                            let s = _mm256_cvtepi32_ps($idot(w, x));
+                            let dx = *xd[t].add(b);
+                            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ds * dx), s, acc[t]);
+                            mins[t] += dm * dx * *xsum[t].add(b) as f32;
+                        }
                     }
                 }
             }
+            for t in 0..N {
+                out[t] = hsum(acc[t]) - mins[t];
+            }
         }
-        for t in 0..N {
-            out[t] = hsum(acc[t]) - mins[t];
+
+        /// Dot products of one Q6_K row with 1 to 4 activation rows quantized in 32-value blocks.
+        /// Each 32 codes of a superblock are assembled in element order (4 low bits from `ql`, 2
+        /// high from `qh`) and dotted with the activation block by the integer dot product; lanes
+        /// 0..4 and 4..8 are the block's two 16-value sub-blocks, so `(sum q*x - 32 sum x)` times
+        /// their scales is exact in i32, and `d_w * d_x` scales it into the accumulator.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $q6k(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+            with_tokens!(xs.len(), $q6k_n(row, xs, out))
         }
-    }
 
-    /// Dot products of one Q6_K row with 1 to 4 activation rows quantized in 32-value blocks.
-    /// Each 32 codes of a superblock are assembled in element order (4 low bits from `ql`, 2 high
-    /// from `qh`) and dotted with the activation block by `vpdpbusd`; lanes 0..4 and 4..8 are the
-    /// block's two 16-value sub-blocks, so `(sum q*x - 32 sum x)` times their scales is exact in
-    /// i32, and `d_w * d_x` scales it into the accumulator.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn dot_q6_k(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
-        with_tokens!(xs.len(), dot_q6_k_n(row, xs, out))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn dot_q6_k_n<const N: usize>(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
-        let nsb = row.len() / 210;
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m2 = _mm256_set1_epi8(0x03);
-        let k32 = _mm256_set1_epi8(32);
-        let mut acc = [_mm256_setzero_ps(); N];
-        let xq: [*const i8; N] = std::array::from_fn(|t| xs[t].qs.as_ptr());
-        let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
-        for sb in 0..nsb {
-            let blk = row.as_ptr().add(sb * 210);
-            let d = f16_at(blk.add(208));
-            for n in 0..2 {
-                let ql = blk.add(64 * n);
-                let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
-                let sc = blk.add(192 + 8 * n) as *const i8;
-                let ql0 = _mm256_loadu_si256(ql as *const __m256i);
-                let ql1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-                let codes = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m2))),
-                    _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2))),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2))),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2))),
-                ];
-                for (m, &q) in codes.iter().enumerate() {
-                    let scale = _mm256_set_m128i(_mm_set1_epi32(*sc.add(2 * m + 1) as i32), _mm_set1_epi32(*sc.add(2 * m) as i32));
-                    let b = sb * 8 + n * 4 + m;
-                    for t in 0..N {
-                        let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
-                        let qx = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x);
-                        let sx = _mm256_dpbusd_epi32(_mm256_setzero_si256(), k32, x);
-                        let s = _mm256_mullo_epi32(_mm256_sub_epi32(qx, sx), scale);
-                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * *xd[t].add(b)), acc[t]);
+        #[target_feature(enable = $feat)]
+        unsafe fn $q6k_n<const N: usize>(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+            let nsb = row.len() / 210;
+            let m4 = _mm256_set1_epi8(0x0F);
+            let m2 = _mm256_set1_epi8(0x03);
+            let k32 = _mm256_set1_epi8(32);
+            let mut acc = [_mm256_setzero_ps(); N];
+            let xq: [*const i8; N] = std::array::from_fn(|t| xs[t].qs.as_ptr());
+            let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
+            for sb in 0..nsb {
+                let blk = row.as_ptr().add(sb * 210);
+                let d = f16_at(blk.add(208));
+                for n in 0..2 {
+                    let ql = blk.add(64 * n);
+                    let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
+                    let sc = blk.add(192 + 8 * n) as *const i8;
+                    let ql0 = _mm256_loadu_si256(ql as *const __m256i);
+                    let ql1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                    let codes = [
+                        _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m2))),
+                        _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2))),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2))),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2))),
+                    ];
+                    for (m, &q) in codes.iter().enumerate() {
+                        let scale = _mm256_set_m128i(_mm_set1_epi32(*sc.add(2 * m + 1) as i32), _mm_set1_epi32(*sc.add(2 * m) as i32));
+                        let b = sb * 8 + n * 4 + m;
+                        for t in 0..N {
+                            let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
+                            let qx = $idot(q, x);
+                            let sx = $idot(k32, x);
+                            let s = _mm256_mullo_epi32(_mm256_sub_epi32(qx, sx), scale);
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * *xd[t].add(b)), acc[t]);
+                        }
                     }
                 }
             }
+            for t in 0..N {
+                out[t] = hsum(acc[t]);
+            }
         }
-        for t in 0..N {
-            out[t] = hsum(acc[t]);
-        }
+        };
     }
+
+    kquant_dots!(dot_q4_k, dot_q4_k_n, dot_q6_k, dot_q6_k_n, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", idot_vnni);
+    kquant_dots!(dot_q4_k_avx2, dot_q4_k_n_avx2, dot_q6_k_avx2, dot_q6_k_n_avx2, "avx2,fma,f16c", idot_avx2);
 
     /// `dot_rows_vnni` for two rows at once, for the 4- and 5-bit types: each row's block fills
     /// one 256-bit half of a 512-bit register, so every lane computes exactly what the one-row
@@ -1003,10 +1065,10 @@ pub fn matmul(w: &Tensor, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Result
         matmul_q4_0(w, x, n_tokens, rows_per_task, outp);
         return Ok(());
     }
-    // The k-quants with an integer kernel (AVX-512 VNNI only; elsewhere they are dequantized
-    // to f32 row by row).
+    // The k-quants with an integer kernel (AVX2 or AVX-512 VNNI; on the portable path they are
+    // dequantized to f32 row by row).
     #[cfg(target_arch = "x86_64")]
-    let k_int = matches!(w.ty, GgmlType::Q4K | GgmlType::Q6K) && simd() == Simd::Avx512Vnni;
+    let k_int = matches!(w.ty, GgmlType::Q4K | GgmlType::Q6K) && simd() != Simd::Scalar;
     #[cfg(not(target_arch = "x86_64"))]
     let k_int = false;
     let kind = block_kind(w.ty);
@@ -1019,11 +1081,17 @@ pub fn matmul(w: &Tensor, x: &[f32], n_tokens: usize, out: &mut [f32]) -> Result
         let pairs = false;
         let dot = |row: &[u8], xs: &[&Q8Row], res: &mut [f32]| match kind {
             Some(k) => dot_rows(k, row, xs, res),
-            // SAFETY: `k_int` holds only where AVX-512 VNNI was detected.
+            // SAFETY: `k_int` holds only where AVX2 (with FMA and F16C) was detected, and the
+            // VNNI kernels run only where AVX-512 VNNI was.
             #[cfg(target_arch = "x86_64")]
-            None if w.ty == GgmlType::Q4K => unsafe { x86::dot_q4_k(row, xs, res) },
-            #[cfg(target_arch = "x86_64")]
-            None => unsafe { x86::dot_q6_k(row, xs, res) },
+            None => unsafe {
+                match (w.ty == GgmlType::Q4K, simd() == Simd::Avx512Vnni) {
+                    (true, true) => x86::dot_q4_k(row, xs, res),
+                    (true, false) => x86::dot_q4_k_avx2(row, xs, res),
+                    (false, true) => x86::dot_q6_k(row, xs, res),
+                    (false, false) => x86::dot_q6_k_avx2(row, xs, res),
+                }
+            },
             #[cfg(not(target_arch = "x86_64"))]
             None => unreachable!(),
         };
@@ -1177,7 +1245,13 @@ pub fn ggml_expf(x: f32) -> f32 {
     }
     let k = n as i32;
     let (k1, k2) = (k / 2, k - k / 2);
-    j * 2.0f32.powi(k1) * 2.0f32.powi(k2)
+    j * pow2(k1) * pow2(k2)
+}
+
+/// `2^k` for `|k| <= 126`, from its exponent bits (exact; `powi` is a library call).
+#[inline(always)]
+fn pow2(k: i32) -> f32 {
+    f32::from_bits(((k + 127) as u32) << 23)
 }
 
 /// SwiGLU's gate in place as ggml computes it: `gate = gate / (1 + ggml_expf(-gate)) * up`.
@@ -1186,6 +1260,12 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     if simd() == Simd::Avx512Vnni {
         // SAFETY: AVX-512 VNNI implies AVX-512F; FMA was detected with it.
         unsafe { x86::silu_mul(gate, up) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd() == Simd::Avx2 {
+        // SAFETY: AVX2 and FMA were detected with the level.
+        unsafe { x86::silu_mul_avx2(gate, up) };
         return;
     }
     silu_mul_scalar(gate, up);
@@ -1254,6 +1334,42 @@ fn rope_rows(x: &mut [f32], pos0: usize, p: &RopeParams) {
     }
 }
 
+/// One (query, head) pair's keys and values for [`online_softmax`]: `k` and `v` hold the rows
+/// it attends to, `head_dim` values each; `q16` is the query rounded to f16.
+struct Keys<'a> {
+    k: &'a [f16],
+    v: &'a [f16],
+    q16: &'a [f16],
+    head_dim: usize,
+    scale: f32,
+}
+
+/// The pass over the keys of [`attention`]: accumulates the weighted values into `acc` (f16,
+/// zeroed by the caller), pushes each scaled score to `scores` if given, and returns the final
+/// running maximum and softmax denominator.
+#[inline(always)]
+fn online_softmax(keys: &Keys, acc: &mut [f16], mut scores: Option<&mut Vec<f32>>) -> (f32, f32) {
+    let hd = keys.head_dim;
+    let (mut m, mut total) = (f32::NEG_INFINITY, 0.0f32);
+    for (kj, vj) in keys.k.chunks_exact(hd).zip(keys.v.chunks_exact(hd)) {
+        let s = dot_f16_f16(kj, keys.q16) * keys.scale;
+        if let Some(sc) = scores.as_mut() {
+            sc.push(s);
+        }
+        let (ms, vs) = if s > m {
+            let ms = (m - s).exp();
+            m = s;
+            scale_f16(acc, ms);
+            (ms, 1.0)
+        } else {
+            (1.0, (s - m).exp())
+        };
+        mad_f16(acc, vj, vs);
+        total = total.mul_add(ms, vs);
+    }
+    (m, total)
+}
+
 thread_local! {
     static ATTN_SCRATCH: RefCell<(Vec<f16>, Vec<f16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
@@ -1289,23 +1405,17 @@ pub fn attention(
             acc.clear();
             acc.resize(head_dim, f16::ZERO);
             scores.clear();
-            let (mut m, mut total) = (f32::NEG_INFINITY, 0.0f32);
-            for j in 0..=pos {
-                let s = dot_f16_f16(&kh[j * head_dim..][..head_dim], q16) * scale;
-                if want_mass {
-                    scores.push(s);
-                }
-                let (ms, vs) = if s > m {
-                    let ms = (m - s).exp();
-                    m = s;
-                    scale_f16(acc, ms);
-                    (ms, 1.0)
-                } else {
-                    (1.0, (s - m).exp())
-                };
-                mad_f16(acc, &vh[j * head_dim..][..head_dim], vs);
-                total = total.mul_add(ms, vs);
-            }
+            let keys = Keys { k: &kh[..(pos + 1) * head_dim], v: &vh[..(pos + 1) * head_dim], q16, head_dim, scale };
+            let sc = want_mass.then_some(&mut *scores);
+            #[cfg(target_arch = "x86_64")]
+            let (m, total) = if simd() != Simd::Scalar {
+                // SAFETY: FMA was detected with the level.
+                unsafe { x86::online_softmax(&keys, acc, sc) }
+            } else {
+                online_softmax(&keys, acc, sc)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (m, total) = online_softmax(&keys, acc, sc);
             let inv = 1.0 / total;
             for (o, a) in oh.iter_mut().zip(acc.iter()) {
                 *o = a.to_f32() * inv;
@@ -1381,16 +1491,27 @@ mod tests {
     fn simd_swiglu_equals_the_scalar_one_bit_for_bit() {
         let seed = Rng::seed_from_time();
         let mut rng = Rng::new(seed);
-        for n in [1, 15, 16, 17, 1536 + 5] {
+        for n in [1, 7, 8, 9, 15, 16, 17, 1536 + 5] {
             let g = inputs(&mut rng, n);
             let u = inputs(&mut rng, n);
             let mut want = g.clone();
             silu_mul_scalar(&mut want, &u);
-            let mut got = g.clone();
-            silu_mul(&mut got, &u);
-            for i in 0..n {
-                assert!(got[i].to_bits() == want[i].to_bits() || (got[i].is_nan() && want[i].is_nan()), "n {n} [{i}]: {} vs {} (x {}, seed {seed})", got[i], want[i], g[i]);
+            for level in supported_simd() {
+                set_simd(level).unwrap();
+                let mut got = g.clone();
+                silu_mul(&mut got, &u);
+                for i in 0..n {
+                    assert!(got[i].to_bits() == want[i].to_bits() || (got[i].is_nan() && want[i].is_nan()), "{level:?} n {n} [{i}]: {} vs {} (x {}, seed {seed})", got[i], want[i], g[i]);
+                }
             }
+        }
+        set_simd(detected_simd()).unwrap();
+    }
+
+    #[test]
+    fn ggml_expf_scales_by_exact_powers_of_two() {
+        for k in -126..=126 {
+            assert_eq!(pow2(k), 2.0f32.powi(k), "2^{k}");
         }
     }
 }

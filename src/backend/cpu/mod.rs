@@ -87,7 +87,7 @@ impl Backend for Cpu {
         // Only a mapped tensor is repacked: its pages can be released, while owned bytes (a
         // model quantized in memory) stay held by the model and would be counted twice.
         let repack = self.kind == CpuKind::Fast
-            && fast::detected_simd() == fast::Simd::Avx512Vnni
+            && fast::detected_simd() != fast::Simd::Scalar
             && t.is_mapped()
             && packed::PackedQ4_0::fits(t);
         if !repack {

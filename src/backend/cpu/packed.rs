@@ -1,4 +1,4 @@
-//! Q4_0 matrices repacked 16 rows at a time for the AVX-512 VNNI matmul.
+//! Q4_0 matrices repacked 16 rows at a time for the AVX-512 VNNI and AVX2 matmuls.
 //!
 //! A GGUF Q4_0 block is one row's 32 weights: an f16 scale and 16 code bytes, byte `j` holding
 //! weight `j` in its low nibble and weight `j + 16` in its high nibble. Dotting such blocks one
@@ -15,9 +15,10 @@
 //! rows and block, not once per row; the unpacked codes of a block serve every token of a tile.
 //!
 //! Each row's sum runs over its blocks in order, `acc += (d_w * d_x) * isum`, as the reference
-//! backend sums them. The layout needs a multiple of 16 rows; the CPU backend repacks a
-//! memory-mapped Q4_0 matrix at load when AVX-512 VNNI is present and drops the mapped pages of
-//! the original.
+//! backend sums them. With AVX2 alone, each 512-bit chunk is read as two 256-bit halves of 8
+//! rows and `vpmaddubsw` with `vpmaddwd` takes the place of `vpdpbusd`. The layout needs a
+//! multiple of 16 rows; the CPU backend repacks a memory-mapped Q4_0 matrix at load when AVX2
+//! (with FMA and F16C) or AVX-512 VNNI is present and drops the mapped pages of the original.
 
 use anyhow::{bail, Result};
 use half::f16;
@@ -168,6 +169,54 @@ mod x86 {
             _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]);
         }
     }
+
+    /// [`super::dot16_scalar`] with AVX2 for `N` tokens, the 16 rows as two halves of 8 (one
+    /// 256-bit half of each code chunk gives every lane a different row's 4 code bytes). Per
+    /// block, half and token, eight `vpmaddubsw` with 4 activations broadcast add 8 products to
+    /// each lane's two 16-bit halves (at most `8 * 2 * 15 * 127 = 30480`, so nothing saturates),
+    /// one `vpmaddwd` joins the halves into the row's block sum, and one conversion and one FMA
+    /// scale it as the scalar code does: the integer sums are exact, so the results are the
+    /// same bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot16_avx2<const N: usize>(group: &[u8], xs: &[&Q8Row], out: &mut [[f32; ROWS]]) {
+        let nb = group.len() / GROUP_BLOCK_BYTES;
+        let p = group.as_ptr();
+        let m4 = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        let xq: [*const u8; N] = std::array::from_fn(|t| xs[t].qs.as_ptr() as *const u8);
+        let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
+        let xsum: [*const i32; N] = std::array::from_fn(|t| xs[t].sum.as_ptr());
+        for b in 0..nb {
+            let blk = p.add(b * GROUP_BLOCK_BYTES);
+            let dw: [__m256; 2] = std::array::from_fn(|h| _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i)));
+            let q: [[__m256i; 2]; 4] = std::array::from_fn(|k| std::array::from_fn(|h| _mm256_loadu_si256(blk.add(32 + 64 * k + 32 * h) as *const __m256i)));
+            let lo = q.map(|v| v.map(|v| _mm256_and_si256(v, m4)));
+            let hi = q.map(|v| v.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4)));
+            for t in 0..N {
+                let a = xq[t].add(b * 32);
+                let x4 = |o: usize| _mm256_set1_epi32((a.add(o) as *const i32).read_unaligned());
+                let xl: [__m256i; 4] = std::array::from_fn(|k| x4(4 * k));
+                let xh: [__m256i; 4] = std::array::from_fn(|k| x4(16 + 4 * k));
+                let off = _mm256_set1_epi32(-8 * *xsum[t].add(b));
+                let sx = _mm256_set1_ps(*xd[t].add(b));
+                for h in 0..2 {
+                    let mut s = _mm256_maddubs_epi16(lo[0][h], xl[0]);
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[0][h], xh[0]));
+                    for k in 1..4 {
+                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[k][h], xl[k]));
+                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[k][h], xh[k]));
+                    }
+                    let isum = _mm256_add_epi32(_mm256_madd_epi16(s, ones), off);
+                    acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw[h], sx), acc[t][h]);
+                }
+            }
+        }
+        for t in 0..N {
+            _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t][0]);
+            _mm256_storeu_ps(out[t].as_mut_ptr().add(8), acc[t][1]);
+        }
+    }
 }
 
 /// One row group against 1 to [`TOKEN_TILE`] tokens, with the kernel the SIMD level allows.
@@ -182,6 +231,19 @@ fn dot16(group: &[u8], xs: &[&Q8Row], out: &mut [[f32; ROWS]]) {
                 2 => x86::dot16::<2>(group, xs, out),
                 3 => x86::dot16::<3>(group, xs, out),
                 _ => x86::dot16::<4>(group, xs, out),
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if fast::simd() == Simd::Avx2 {
+        // SAFETY: AVX2, FMA and F16C were detected with the level; sizes as above.
+        unsafe {
+            match xs.len() {
+                1 => x86::dot16_avx2::<1>(group, xs, out),
+                2 => x86::dot16_avx2::<2>(group, xs, out),
+                3 => x86::dot16_avx2::<3>(group, xs, out),
+                _ => x86::dot16_avx2::<4>(group, xs, out),
             }
         }
         return;
