@@ -636,102 +636,103 @@ mod x86 {
     /// `2 * 32 * 127`, all inside i16, so both give the same exact sums and the same results.
     macro_rules! kquant_dots {
         ($q4k:ident, $q4k_n:ident, $q6k:ident, $q6k_n:ident, $feat:literal, $idot:ident) => {
-        /// Dot products of one Q4_K row with 1 to 4 activation rows quantized in 32-value blocks,
-        /// which are Q4_K's sub-blocks: the 32 codes of a sub-block (low or high nibbles of 32 code
-        /// bytes) are dotted with the activation block by the integer dot product and scaled by `d * sc * d_x`
-        /// into the accumulator; the minimum contributes `dmin * m * d_x * sum(x)`.
-        #[target_feature(enable = $feat)]
-        pub unsafe fn $q4k(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
-            with_tokens!(xs.len(), $q4k_n(row, xs, out))
-        }
+            /// Dot products of one Q4_K row with 1 to 4 activation rows quantized in 32-value blocks,
+            /// which are Q4_K's sub-blocks: the 32 codes of a sub-block (low or high nibbles of 32
+            /// code bytes) are dotted with the activation block by the integer dot product and
+            /// scaled by `d * sc * d_x` into the accumulator; the minimum contributes
+            /// `dmin * m * d_x * sum(x)`.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $q4k(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+                with_tokens!(xs.len(), $q4k_n(row, xs, out))
+            }
 
-        #[target_feature(enable = $feat)]
-        unsafe fn $q4k_n<const N: usize>(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
-            let nsb = row.len() / 144;
-            let m4 = _mm256_set1_epi8(0x0F);
-            let mut acc = [_mm256_setzero_ps(); N];
-            let mut mins = [0.0f32; N];
-            let xq: [*const i8; N] = std::array::from_fn(|t| xs[t].qs.as_ptr());
-            let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
-            let xsum: [*const i32; N] = std::array::from_fn(|t| xs[t].sum.as_ptr());
-            for sb in 0..nsb {
-                let blk = &row[sb * 144..(sb + 1) * 144];
-                let (d, dmin) = (f16_at(blk.as_ptr()), f16_at(blk.as_ptr().add(2)));
-                let scales = &blk[4..16];
-                for c in 0..4 {
-                    let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * c) as *const __m256i);
-                    let codes = [_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4)];
-                    for (h, &w) in codes.iter().enumerate() {
-                        let j = 2 * c + h;
-                        let (sc, m) = crate::format::quant::scale_min_k4(j, scales);
-                        let (ds, dm) = (d * f32::from(sc), dmin * f32::from(m));
-                        let b = sb * 8 + j;
-                        for t in 0..N {
-                            let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
-                            let s = _mm256_cvtepi32_ps($idot(w, x));
-                            let dx = *xd[t].add(b);
-                            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ds * dx), s, acc[t]);
-                            mins[t] += dm * dx * *xsum[t].add(b) as f32;
+            #[target_feature(enable = $feat)]
+            unsafe fn $q4k_n<const N: usize>(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+                let nsb = row.len() / 144;
+                let m4 = _mm256_set1_epi8(0x0F);
+                let mut acc = [_mm256_setzero_ps(); N];
+                let mut mins = [0.0f32; N];
+                let xq: [*const i8; N] = std::array::from_fn(|t| xs[t].qs.as_ptr());
+                let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
+                let xsum: [*const i32; N] = std::array::from_fn(|t| xs[t].sum.as_ptr());
+                for sb in 0..nsb {
+                    let blk = &row[sb * 144..(sb + 1) * 144];
+                    let (d, dmin) = (f16_at(blk.as_ptr()), f16_at(blk.as_ptr().add(2)));
+                    let scales = &blk[4..16];
+                    for c in 0..4 {
+                        let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * c) as *const __m256i);
+                        let codes = [_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4)];
+                        for (h, &w) in codes.iter().enumerate() {
+                            let j = 2 * c + h;
+                            let (sc, m) = crate::format::quant::scale_min_k4(j, scales);
+                            let (ds, dm) = (d * f32::from(sc), dmin * f32::from(m));
+                            let b = sb * 8 + j;
+                            for t in 0..N {
+                                let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
+                                let s = _mm256_cvtepi32_ps($idot(w, x));
+                                let dx = *xd[t].add(b);
+                                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ds * dx), s, acc[t]);
+                                mins[t] += dm * dx * *xsum[t].add(b) as f32;
+                            }
                         }
                     }
                 }
+                for t in 0..N {
+                    out[t] = hsum(acc[t]) - mins[t];
+                }
             }
-            for t in 0..N {
-                out[t] = hsum(acc[t]) - mins[t];
+
+            /// Dot products of one Q6_K row with 1 to 4 activation rows quantized in 32-value blocks.
+            /// Each 32 codes of a superblock are assembled in element order (4 low bits from `ql`, 2
+            /// high from `qh`) and dotted with the activation block by the integer dot product; lanes
+            /// 0..4 and 4..8 are the block's two 16-value sub-blocks, so `(sum q*x - 32 sum x)` times
+            /// their scales is exact in i32, and `d_w * d_x` scales it into the accumulator.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $q6k(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+                with_tokens!(xs.len(), $q6k_n(row, xs, out))
             }
-        }
 
-        /// Dot products of one Q6_K row with 1 to 4 activation rows quantized in 32-value blocks.
-        /// Each 32 codes of a superblock are assembled in element order (4 low bits from `ql`, 2
-        /// high from `qh`) and dotted with the activation block by the integer dot product; lanes
-        /// 0..4 and 4..8 are the block's two 16-value sub-blocks, so `(sum q*x - 32 sum x)` times
-        /// their scales is exact in i32, and `d_w * d_x` scales it into the accumulator.
-        #[target_feature(enable = $feat)]
-        pub unsafe fn $q6k(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
-            with_tokens!(xs.len(), $q6k_n(row, xs, out))
-        }
-
-        #[target_feature(enable = $feat)]
-        unsafe fn $q6k_n<const N: usize>(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
-            let nsb = row.len() / 210;
-            let m4 = _mm256_set1_epi8(0x0F);
-            let m2 = _mm256_set1_epi8(0x03);
-            let k32 = _mm256_set1_epi8(32);
-            let mut acc = [_mm256_setzero_ps(); N];
-            let xq: [*const i8; N] = std::array::from_fn(|t| xs[t].qs.as_ptr());
-            let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
-            for sb in 0..nsb {
-                let blk = row.as_ptr().add(sb * 210);
-                let d = f16_at(blk.add(208));
-                for n in 0..2 {
-                    let ql = blk.add(64 * n);
-                    let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
-                    let sc = blk.add(192 + 8 * n) as *const i8;
-                    let ql0 = _mm256_loadu_si256(ql as *const __m256i);
-                    let ql1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-                    let codes = [
-                        _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m2))),
-                        _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2))),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2))),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2))),
-                    ];
-                    for (m, &q) in codes.iter().enumerate() {
-                        let scale = _mm256_set_m128i(_mm_set1_epi32(*sc.add(2 * m + 1) as i32), _mm_set1_epi32(*sc.add(2 * m) as i32));
-                        let b = sb * 8 + n * 4 + m;
-                        for t in 0..N {
-                            let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
-                            let qx = $idot(q, x);
-                            let sx = $idot(k32, x);
-                            let s = _mm256_mullo_epi32(_mm256_sub_epi32(qx, sx), scale);
-                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * *xd[t].add(b)), acc[t]);
+            #[target_feature(enable = $feat)]
+            unsafe fn $q6k_n<const N: usize>(row: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+                let nsb = row.len() / 210;
+                let m4 = _mm256_set1_epi8(0x0F);
+                let m2 = _mm256_set1_epi8(0x03);
+                let k32 = _mm256_set1_epi8(32);
+                let mut acc = [_mm256_setzero_ps(); N];
+                let xq: [*const i8; N] = std::array::from_fn(|t| xs[t].qs.as_ptr());
+                let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
+                for sb in 0..nsb {
+                    let blk = row.as_ptr().add(sb * 210);
+                    let d = f16_at(blk.add(208));
+                    for n in 0..2 {
+                        let ql = blk.add(64 * n);
+                        let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
+                        let sc = blk.add(192 + 8 * n) as *const i8;
+                        let ql0 = _mm256_loadu_si256(ql as *const __m256i);
+                        let ql1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                        let codes = [
+                            _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m2))),
+                            _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2))),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2))),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2))),
+                        ];
+                        for (m, &q) in codes.iter().enumerate() {
+                            let scale = _mm256_set_m128i(_mm_set1_epi32(*sc.add(2 * m + 1) as i32), _mm_set1_epi32(*sc.add(2 * m) as i32));
+                            let b = sb * 8 + n * 4 + m;
+                            for t in 0..N {
+                                let x = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
+                                let qx = $idot(q, x);
+                                let sx = $idot(k32, x);
+                                let s = _mm256_mullo_epi32(_mm256_sub_epi32(qx, sx), scale);
+                                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * *xd[t].add(b)), acc[t]);
+                            }
                         }
                     }
                 }
+                for t in 0..N {
+                    out[t] = hsum(acc[t]);
+                }
             }
-            for t in 0..N {
-                out[t] = hsum(acc[t]);
-            }
-        }
         };
     }
 

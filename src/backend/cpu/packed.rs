@@ -222,30 +222,18 @@ mod x86 {
 /// One row group against 1 to [`TOKEN_TILE`] tokens, with the kernel the SIMD level allows.
 fn dot16(group: &[u8], xs: &[&Q8Row], out: &mut [[f32; ROWS]]) {
     #[cfg(target_arch = "x86_64")]
-    if fast::simd() == Simd::Avx512Vnni {
-        // SAFETY: AVX-512 VNNI was detected (a level is only set if supported); every activation
-        // row holds `n_cols` codes and `n_cols / 32` scales and sums, as many blocks as `group`.
-        unsafe {
-            match xs.len() {
-                1 => x86::dot16::<1>(group, xs, out),
-                2 => x86::dot16::<2>(group, xs, out),
-                3 => x86::dot16::<3>(group, xs, out),
-                _ => x86::dot16::<4>(group, xs, out),
-            }
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if fast::simd() == Simd::Avx2 {
-        // SAFETY: AVX2, FMA and F16C were detected with the level; sizes as above.
-        unsafe {
-            match xs.len() {
-                1 => x86::dot16_avx2::<1>(group, xs, out),
-                2 => x86::dot16_avx2::<2>(group, xs, out),
-                3 => x86::dot16_avx2::<3>(group, xs, out),
-                _ => x86::dot16_avx2::<4>(group, xs, out),
-            }
-        }
+    if fast::simd() != Simd::Scalar {
+        type Kernel = unsafe fn(&[u8], &[&Q8Row], &mut [[f32; ROWS]]);
+        // Indexed by the number of tokens less one.
+        let kernels: [Kernel; TOKEN_TILE] = if fast::simd() == Simd::Avx512Vnni {
+            [x86::dot16::<1>, x86::dot16::<2>, x86::dot16::<3>, x86::dot16::<4>]
+        } else {
+            [x86::dot16_avx2::<1>, x86::dot16_avx2::<2>, x86::dot16_avx2::<3>, x86::dot16_avx2::<4>]
+        };
+        // SAFETY: the kernel's instructions were detected with the level (a level is only set
+        // if supported: AVX-512 VNNI, or AVX2 with FMA and F16C); every activation row holds
+        // `n_cols` codes and `n_cols / 32` scales and sums, as many blocks as `group`.
+        unsafe { kernels[xs.len().clamp(1, TOKEN_TILE) - 1](group, xs, out) };
         return;
     }
     dot16_scalar(group, xs, out);
