@@ -33,7 +33,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::direct::{self, Kernel, Portable};
 use super::lowrank::LowRank;
-use super::quant::{Layout, QuantMatrix};
+use super::quant::{Layout, QuantMatrix, RowTerms};
 use super::sparse::{best_code, outlier_count, Outliers, Positions};
 use super::{KvBytes, MAX_DIRECT_QUERIES, MAX_HEAD_DIM, MAX_RANK};
 use crate::rng::Rng;
@@ -316,16 +316,21 @@ impl Part {
         unsafe { K::f16s(&self.lr.b, bf) };
     }
 
+    /// The outliers in the rows `lo..hi`: indices `first..last`.
+    #[inline(always)]
+    fn outliers_in(&self, lo: usize, hi: usize, d: usize) -> (usize, usize) {
+        let n_out = self.out.len();
+        (partition_point(n_out, |i| self.out.pos(i) < lo * d), partition_point(n_out, |i| self.out.pos(i) < hi * d))
+    }
+
     /// `f(j, c, correction)` for each outlier in the rows `lo..hi`: what the direct paths add
     /// at its place to the backbone and low-rank terms they have counted.
     #[inline(always)]
     fn outlier_deltas<K: Kernel>(&self, lo: usize, hi: usize, d: usize, f: impl FnMut(usize, usize, f32)) {
-        let n_out = self.out.len();
-        if n_out == 0 || lo >= hi {
+        if self.out.len() == 0 || lo >= hi {
             return;
         }
-        let first = partition_point(n_out, |i| self.out.pos(i) < lo * d);
-        let last = partition_point(n_out, |i| self.out.pos(i) < hi * d);
+        let (first, last) = self.outliers_in(lo, hi, d);
         let vals = &self.out.values()[first..last];
         match self.out.positions() {
             Positions::U16(p) => deltas_of::<K, u16>(&p[first..last], vals, d, f),
@@ -334,18 +339,18 @@ impl Part {
     }
 
     /// `scores_in` by the packed-code kernels, where the backbone allows it
-    /// (`QuantMatrix::direct_ok`; false otherwise, and nothing is written): the backbone's dot
-    /// products from the codes, then the low-rank term `a_j . (Bᵀ q_i)` and each outlier's
-    /// correction, with `B` in f32 (`bf`: scratch). No closure stands between the caller and the
-    /// kernels, so that all of it compiles into the caller (and gets its target features).
+    /// (`QuantMatrix::direct_ok`; false otherwise, and nothing is written): per row, the
+    /// backbone's dot products from the codes, the low-rank term `a_j . (Bᵀ q_i)` and the row's
+    /// outlier corrections, summed before the score is stored. `B` goes to f32 in `bf`
+    /// (scratch). No closure stands between the caller and the kernels, so that all of it
+    /// compiles into the caller (and gets its target features).
     #[inline(always)]
     fn scores_packed<K: Kernel>(&self, rows: std::ops::Range<usize>, qs: &[f32], d: usize, out: &mut [f32], stride: usize, bf: &mut Vec<f32>) -> bool {
         if !self.q.direct_ok() {
             return false;
         }
-        self.q.scores_direct::<K>(rows.clone(), qs, out, stride);
         let r = self.lr.rank;
-        let (lo, hi, j0) = (rows.start, rows.end.min(self.q.n_rows()), rows.start);
+        let (lo, hi) = (rows.start, rows.end.min(self.q.n_rows()).max(rows.start));
         let mut bq = [[0f32; MAX_RANK]; MAX_DIRECT_QUERIES];
         if r > 0 {
             self.b_f32::<K>(d, bf);
@@ -356,19 +361,13 @@ impl Part {
                     }
                 }
             }
-            for j in lo..hi {
-                for (i, b) in bq.iter().enumerate().take(qs.len() / d) {
-                    // SAFETY: the caller runs `K` where the CPU has its instructions.
-                    out[i * stride + j - j0] += unsafe { K::dot_f16(&self.lr.a[j * r..(j + 1) * r], &b[..r]) };
-                }
-            }
         }
-        let n_q = qs.len() / d;
-        self.outlier_deltas::<K>(lo, hi, d, |j, c, delta| {
-            for i in 0..n_q {
-                out[i * stride + j - j0] += qs[i * d + c] * delta;
-            }
-        });
+        let (first, last) = self.outliers_in(lo, hi, d);
+        let vals = &self.out.values()[first..last];
+        match self.out.positions() {
+            Positions::U16(p) => self.q.scores_direct::<K, u16>(rows, qs, out, stride, &RowTerms { a: &self.lr.a, rank: r, bq: &bq, pos: &p[first..last], vals }),
+            Positions::U32(p) => self.q.scores_direct::<K, u32>(rows, qs, out, stride, &RowTerms { a: &self.lr.a, rank: r, bq: &bq, pos: &p[first..last], vals }),
+        }
         true
     }
 

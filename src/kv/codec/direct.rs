@@ -83,11 +83,20 @@ pub(crate) trait Kernel {
     /// The CPU runs the kernel's instructions (see the implementation).
     unsafe fn dot<const N: usize>(bits: u32, codes: &[u8], qp: &[f32], d: usize, group: usize, sz: &[f32], out: &mut [f32; N]);
 
-    /// `acc_i,g += w[i * (d / group) + g] * u_g` for every query `i` and group `g`.
+    /// `acc_i,g += w[(i * (d / group) + g) * ws] * u_g` for every query `i` and group `g`.
     ///
     /// # Safety
     /// As for `dot`.
-    unsafe fn axpy<const N: usize>(bits: u32, codes: &[u8], w: &[f32], d: usize, group: usize, acc: &mut [f32]);
+    unsafe fn axpy<const N: usize>(bits: u32, codes: &[u8], w: &[f32], ws: usize, d: usize, group: usize, acc: &mut [f32]);
+
+    /// Per-channel scales: for each query `i` of `qs` (`[n_q, d]`, `n_q <= N`) with the steps and
+    /// zero points `sz` (`d` pairs, f16), `qp_i = q_i s` in lane order (`order`'s, the table of
+    /// `LaneOrder::new(bits, d)`) and `base[i] = q_i . z`. `d` is a multiple of
+    /// `chunk_codes(bits)`. `qp` and `base` past the `n_q` queries are left as they are.
+    ///
+    /// # Safety
+    /// As for `dot`.
+    unsafe fn channel_queries<const N: usize>(bits: u32, qs: &[f32], sz: &[f16], order: &LaneOrder, d: usize, qp: &mut [f32], base: &mut [f32; N]);
 
     /// `dst[i] = src[i]` in f32 (exact).
     ///
@@ -134,13 +143,13 @@ impl Kernel for Portable {
     }
 
     #[inline(always)]
-    unsafe fn axpy<const N: usize>(bits: u32, codes: &[u8], w: &[f32], d: usize, group: usize, acc: &mut [f32]) {
+    unsafe fn axpy<const N: usize>(bits: u32, codes: &[u8], w: &[f32], ws: usize, d: usize, group: usize, acc: &mut [f32]) {
         let (c, per, mask) = (chunk_codes(bits), 8 / bits as usize, (1u32 << bits) - 1);
         let n_g = d / group;
         for i in 0..N {
             let a = &mut acc[i * d..(i + 1) * d];
             for g in 0..n_g {
-                let wg = w[i * n_g + g];
+                let wg = w[(i * n_g + g) * ws];
                 for ch in g * group / c..(g + 1) * group / c {
                     for (l, &b) in codes[ch * 8..ch * 8 + 8].iter().enumerate() {
                         for k in 0..per {
@@ -149,6 +158,20 @@ impl Kernel for Portable {
                     }
                 }
             }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn channel_queries<const N: usize>(_bits: u32, qs: &[f32], sz: &[f16], order: &LaneOrder, d: usize, qp: &mut [f32], base: &mut [f32; N]) {
+        for (i, q) in qs.chunks_exact(d).enumerate().take(N) {
+            for (x, &c) in qp[i * d..(i + 1) * d].iter_mut().zip(&order.perm) {
+                *x = q[c as usize] * sz[2 * c as usize].to_f32();
+            }
+            let mut t = 0f32;
+            for (c, &x) in q.iter().enumerate() {
+                t += x * sz[2 * c + 1].to_f32();
+            }
+            base[i] = t;
         }
     }
 
@@ -202,12 +225,29 @@ impl Kernel for Avx2 {
     }
 
     #[inline(always)]
-    unsafe fn axpy<const N: usize>(bits: u32, codes: &[u8], w: &[f32], d: usize, group: usize, acc: &mut [f32]) {
-        let (codes, w, acc) = (&codes[..d * bits as usize / 8], &w[..N * (d / group)], &mut acc[..N * d]);
+    unsafe fn axpy<const N: usize>(bits: u32, codes: &[u8], w: &[f32], ws: usize, d: usize, group: usize, acc: &mut [f32]) {
+        let (codes, w, acc) = (&codes[..d * bits as usize / 8], &w[..(N * (d / group) - 1) * ws + 1], &mut acc[..N * d]);
         match bits {
-            8 => x86::axpy::<8, N>(codes.as_ptr(), w.as_ptr(), d, group, acc.as_mut_ptr()),
-            4 => x86::axpy::<4, N>(codes.as_ptr(), w.as_ptr(), d, group, acc.as_mut_ptr()),
-            _ => x86::axpy::<2, N>(codes.as_ptr(), w.as_ptr(), d, group, acc.as_mut_ptr()),
+            8 => x86::axpy::<8, N>(codes.as_ptr(), w.as_ptr(), ws, d, group, acc.as_mut_ptr()),
+            4 => x86::axpy::<4, N>(codes.as_ptr(), w.as_ptr(), ws, d, group, acc.as_mut_ptr()),
+            _ => x86::axpy::<2, N>(codes.as_ptr(), w.as_ptr(), ws, d, group, acc.as_mut_ptr()),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn channel_queries<const N: usize>(bits: u32, qs: &[f32], sz: &[f16], _order: &LaneOrder, d: usize, qp: &mut [f32], base: &mut [f32; N]) {
+        let n_q = (qs.len() / d).min(N);
+        // `d` is a multiple of the chunk (at least 8 codes): whole vectors of 8 channels, whole
+        // chunks per permutation.
+        let (qs, sz, qp) = (&qs[..n_q * d], &sz[..2 * d], &mut qp[..n_q * d]);
+        let sz = sz.as_ptr() as *const u16;
+        for i in 0..n_q {
+            let (q, p) = (qs.as_ptr().add(i * d), qp.as_mut_ptr().add(i * d));
+            base[i] = match bits {
+                8 => x86::channel_query::<8>(q, sz, d, p),
+                4 => x86::channel_query::<4>(q, sz, d, p),
+                _ => x86::channel_query::<2>(q, sz, d, p),
+            };
         }
     }
 
@@ -299,17 +339,78 @@ mod x86 {
         }
     }
 
+    /// The even and the odd elements of `a` then `b`: (`a0 a2 a4 a6 b0 b2 b4 b6`, `a1 a3 a5 a7 b1
+    /// b3 b5 b7`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn deinterleave(a: __m256, b: __m256) -> (__m256, __m256) {
+        let even = _mm256_shuffle_ps::<0x88>(a, b);
+        let odd = _mm256_shuffle_ps::<0xdd>(a, b);
+        (_mm256_castpd_ps(_mm256_permute4x64_pd::<0xd8>(_mm256_castps_pd(even))), _mm256_castpd_ps(_mm256_permute4x64_pd::<0xd8>(_mm256_castps_pd(odd))))
+    }
+
+    /// `q s` for the 8 channels at `c` (`sz`: f16 pairs of step and zero point), adding `q z` to
+    /// `zacc`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn scaled_query(q: *const f32, sz: *const u16, c: usize, zacc: &mut __m256) -> __m256 {
+        let a = _mm256_cvtph_ps(_mm_loadu_si128(sz.add(2 * c) as *const __m128i));
+        let b = _mm256_cvtph_ps(_mm_loadu_si128(sz.add(2 * c + 8) as *const __m128i));
+        let (s, z) = deinterleave(a, b);
+        let qv = _mm256_loadu_ps(q.add(c));
+        *zacc = _mm256_fmadd_ps(qv, z, *zacc);
+        _mm256_mul_ps(qv, s)
+    }
+
+    /// One query of `Kernel::channel_queries`: `qp = q s` in lane order (`d` a multiple of
+    /// `64 / BITS` and of 8), and the return value `q . z`. `sz`: `d` pairs of f16 bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub(super) unsafe fn channel_query<const BITS: u32>(q: *const f32, sz: *const u16, d: usize, qp: *mut f32) -> f32 {
+        let mut zacc = _mm256_setzero_ps();
+        match BITS {
+            8 => {
+                for c in (0..d).step_by(8) {
+                    _mm256_storeu_ps(qp.add(c), scaled_query(q, sz, c, &mut zacc));
+                }
+            }
+            // A chunk of 16: the even channels, then the odd ones.
+            4 => {
+                for c in (0..d).step_by(16) {
+                    let (x0, x1) = (scaled_query(q, sz, c, &mut zacc), scaled_query(q, sz, c + 8, &mut zacc));
+                    let (e, o) = deinterleave(x0, x1);
+                    _mm256_storeu_ps(qp.add(c), e);
+                    _mm256_storeu_ps(qp.add(c + 8), o);
+                }
+            }
+            // A chunk of 32: part k holds channels 4 l + k.
+            _ => {
+                for c in (0..d).step_by(32) {
+                    let (x0, x1, x2, x3) = (scaled_query(q, sz, c, &mut zacc), scaled_query(q, sz, c + 8, &mut zacc), scaled_query(q, sz, c + 16, &mut zacc), scaled_query(q, sz, c + 24, &mut zacc));
+                    let (e01, o01) = deinterleave(x0, x1);
+                    let (e23, o23) = deinterleave(x2, x3);
+                    let (p0, p2) = deinterleave(e01, e23);
+                    let (p1, p3) = deinterleave(o01, o23);
+                    for (k, v) in [p0, p1, p2, p3].into_iter().enumerate() {
+                        _mm256_storeu_ps(qp.add(c + 8 * k), v);
+                    }
+                }
+            }
+        }
+        hsum(zacc)
+    }
+
     /// See `Kernel::axpy`; pointers to slices of the lengths it documents.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    pub(super) unsafe fn axpy<const BITS: u32, const N: usize>(codes: *const u8, w: *const f32, d: usize, group: usize, acc: *mut f32) {
+    pub(super) unsafe fn axpy<const BITS: u32, const N: usize>(codes: *const u8, w: *const f32, ws: usize, d: usize, group: usize, acc: *mut f32) {
         let c = (64 / BITS) as usize;
         let per = (8 / BITS) as usize;
         let n_g = d / group;
         for g in 0..n_g {
             let mut wv = [_mm256_setzero_ps(); N];
             for (i, x) in wv.iter_mut().enumerate() {
-                *x = _mm256_set1_ps(*w.add(i * n_g + g));
+                *x = _mm256_set1_ps(*w.add((i * n_g + g) * ws));
             }
             for ch in g * group / c..(g + 1) * group / c {
                 let u = parts::<BITS>(codes.add(ch * 8));
@@ -391,18 +492,41 @@ mod tests {
             let mag: f64 = (0..d).map(|c| (sz[2 * (c / group)] as f64 * q[i * d + c] as f64 * code(c)).abs()).sum();
             assert!((out[i] as f64 - want).abs() <= 1e-5 * mag + 1e-9, "seed {seed}: dot bits {bits} d {d} group {group} N {N} query {i}: {} vs {want}", out[i]);
         }
-        let w: Vec<f32> = (0..N * n_g).map(|_| rng.normal()).collect();
+        // Weights 1 or 2 apart (the second: steps interleaved with zero points).
+        let ws = 1 + (N + group) % 2;
+        let w: Vec<f32> = (0..N * n_g * ws).map(|_| rng.normal()).collect();
         let start: Vec<f32> = (0..N * d).map(|_| rng.normal()).collect();
         let mut acc = start.clone();
         // SAFETY: as above.
-        unsafe { K::axpy::<N>(bits, &codes, &w, d, group, &mut acc) };
+        unsafe { K::axpy::<N>(bits, &codes, &w, ws, d, group, &mut acc) };
         for i in 0..N {
             for pos in 0..d {
                 let c = channel_of(bits, pos);
-                let want = start[i * d + pos] as f64 + w[i * n_g + c / group] as f64 * code(c);
+                let want = start[i * d + pos] as f64 + w[(i * n_g + c / group) * ws] as f64 * code(c);
                 assert!((acc[i * d + pos] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "seed {seed}: axpy bits {bits} d {d} group {group} N {N} query {i} channel {c}");
             }
         }
+    }
+
+    /// `channel_queries` for 2 queries padded to `N`: each product exactly, in lane order, and
+    /// the zero-point dot products; the padding is left alone.
+    fn check_channel_queries<K: Kernel, const N: usize>(seed: u64, rng: &mut Rng, bits: u32, d: usize) {
+        let q: Vec<f32> = (0..2 * d).map(|_| rng.normal()).collect();
+        let sz: Vec<f16> = (0..2 * d).map(|_| f16::from_f32(rng.normal())).collect();
+        let mut qp = vec![f32::NAN; N * d];
+        let mut base = [7f32; N];
+        // SAFETY: the caller runs `K` only where the CPU has its instructions.
+        unsafe { K::channel_queries::<N>(bits, &q, &sz, &LaneOrder::new(bits, d), d, &mut qp, &mut base) };
+        for i in 0..2 {
+            for pos in 0..d {
+                let c = channel_of(bits, pos);
+                assert_eq!(qp[i * d + pos].to_bits(), (q[i * d + c] * sz[2 * c].to_f32()).to_bits(), "seed {seed}: bits {bits} d {d} query {i} position {pos}");
+            }
+            let want: f64 = (0..d).map(|c| q[i * d + c] as f64 * sz[2 * c + 1].to_f64()).sum();
+            let mag: f64 = (0..d).map(|c| (q[i * d + c] as f64 * sz[2 * c + 1].to_f64()).abs()).sum();
+            assert!((base[i] as f64 - want).abs() <= 1e-6 * mag, "seed {seed}: bits {bits} d {d} query {i}: zero points {} vs {want}", base[i]);
+        }
+        assert!(qp[2 * d..].iter().all(|x| x.is_nan()) && base[2..].iter().all(|&b| b == 7.0), "seed {seed}: padding written");
     }
 
     fn check_all<K: Kernel>(seed: u64) {
@@ -415,6 +539,12 @@ mod tests {
                 check_kernel::<K, 3>(seed, &mut rng, bits, d, group);
                 check_kernel::<K, 4>(seed, &mut rng, bits, d, group);
                 check_kernel::<K, 8>(seed, &mut rng, bits, d, group);
+            }
+        }
+        for bits in [2, 4, 8] {
+            for d in [chunk_codes(bits), 4 * chunk_codes(bits)] {
+                check_channel_queries::<K, 3>(seed, &mut rng, bits, d);
+                check_channel_queries::<K, 8>(seed, &mut rng, bits, d);
             }
         }
         for n in [1, 2, 4, 7, 16] {

@@ -23,7 +23,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::direct::{self, Kernel};
 use super::pack::{code_at, f16_down, f16_up, pack_row, row_bytes, set_code_at, unpack_row};
-use super::{MAX_DIRECT_QUERIES, MAX_HEAD_DIM};
+use super::{MAX_DIRECT_QUERIES, MAX_HEAD_DIM, MAX_RANK};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Layout {
@@ -81,6 +81,73 @@ pub(crate) fn shared_scale_bytes_per_row(layout: Layout, d: usize) -> usize {
     match layout {
         Layout::Token { .. } => 0,
         Layout::Channel { group } => d * 4 / group,
+    }
+}
+
+/// What the direct scores add to each row's dot product with the backbone: GEAR's low-rank
+/// term `a_j . bq_i` (`a`: `[n, rank]`, `rank` 0 for none) and its outliers' corrections, `q_i[c]
+/// * v` for a correction `v` at flat position `j * d + c` (`pos` ascending, every one in the rows
+/// scored).
+pub(crate) struct RowTerms<'a, P> {
+    pub(crate) a: &'a [f16],
+    pub(crate) rank: usize,
+    pub(crate) bq: &'a [[f32; MAX_RANK]; MAX_DIRECT_QUERIES],
+    pub(crate) pos: &'a [P],
+    pub(crate) vals: &'a [f16],
+}
+
+/// Where `RowTerms::add` is in the corrections, and how a position splits into row and channel.
+pub(crate) struct Cursor {
+    next: usize,
+    /// `log2 d` where `d` is a power of two (a shift, not a division, per correction).
+    shift: Option<u32>,
+    d: usize,
+}
+
+#[cfg(test)]
+impl RowTerms<'_, u16> {
+    /// No terms.
+    pub(crate) fn none() -> RowTerms<'static, u16> {
+        const BQ: [[f32; MAX_RANK]; MAX_DIRECT_QUERIES] = [[0.0; MAX_RANK]; MAX_DIRECT_QUERIES];
+        RowTerms { a: &[], rank: 0, bq: &BQ, pos: &[], vals: &[] }
+    }
+}
+
+impl<P: Copy + Into<u64>> RowTerms<'_, P> {
+    pub(crate) fn cursor(&self, d: usize) -> Cursor {
+        Cursor { next: 0, shift: d.is_power_of_two().then(|| d.trailing_zeros()), d }
+    }
+
+    /// Adds row `j`'s terms to its scores `s` (one per query of `qs`, `[n_q, d]`): the low-rank
+    /// term, then its corrections in order. Rows come in ascending order.
+    ///
+    /// # Safety
+    /// The caller runs `K` where the CPU has its instructions.
+    #[inline(always)]
+    pub(crate) unsafe fn add<K: Kernel, const N: usize>(&self, cur: &mut Cursor, j: usize, qs: &[f32], s: &mut [f32; N]) {
+        let (r, d) = (self.rank, cur.d);
+        let n_q = qs.len() / d;
+        if r > 0 {
+            let a = &self.a[j * r..(j + 1) * r];
+            for (x, b) in s.iter_mut().zip(self.bq).take(n_q) {
+                *x += K::dot_f16(a, &b[..r]);
+            }
+        }
+        while let Some(&p) = self.pos.get(cur.next) {
+            let p = p.into() as usize;
+            let (row, c) = match cur.shift {
+                Some(sh) => (p >> sh, p & (d - 1)),
+                None => (p / d, p % d),
+            };
+            if row != j {
+                break;
+            }
+            let v = K::h2f(self.vals[cur.next]);
+            for (i, x) in s.iter_mut().enumerate().take(n_q) {
+                *x += qs[i * d + c] * v;
+            }
+            cur.next += 1;
+        }
     }
 }
 
@@ -241,27 +308,28 @@ impl QuantMatrix {
 
     /// Scores straight from the codes (`direct_ok` must hold): for each row `j` of `rows` (cut
     /// at `n`) and query `i` of `qs` (`[n_q, d]`, `n_q <= MAX_DIRECT_QUERIES`),
-    /// `out[i * stride + j - rows.start] = q_i . deq(x_j)`.
+    /// `out[i * stride + j - rows.start] = q_i . deq(x_j)` plus what `terms` adds to row `j`.
     #[inline(always)]
-    pub(crate) fn scores_direct<K: Kernel>(&self, rows: std::ops::Range<usize>, qs: &[f32], out: &mut [f32], stride: usize) {
+    pub(crate) fn scores_direct<K: Kernel, P: Copy + Into<u64>>(&self, rows: std::ops::Range<usize>, qs: &[f32], out: &mut [f32], stride: usize, terms: &RowTerms<P>) {
         match qs.len() / self.d {
-            1 => self.scores_n::<K, 1>(rows, qs, out, stride),
-            2 => self.scores_n::<K, 2>(rows, qs, out, stride),
-            3 => self.scores_n::<K, 3>(rows, qs, out, stride),
-            4 => self.scores_n::<K, 4>(rows, qs, out, stride),
-            _ => self.scores_n::<K, MAX_DIRECT_QUERIES>(rows, qs, out, stride),
+            1 => self.scores_n::<K, P, 1>(rows, qs, out, stride, terms),
+            2 => self.scores_n::<K, P, 2>(rows, qs, out, stride, terms),
+            3 => self.scores_n::<K, P, 3>(rows, qs, out, stride, terms),
+            4 => self.scores_n::<K, P, 4>(rows, qs, out, stride, terms),
+            _ => self.scores_n::<K, P, MAX_DIRECT_QUERIES>(rows, qs, out, stride, terms),
         }
     }
 
     /// `scores_direct` with the queries padded with zeros to `N`.
     #[inline(always)]
-    fn scores_n<K: Kernel, const N: usize>(&self, rows: std::ops::Range<usize>, qs: &[f32], out: &mut [f32], stride: usize) {
+    fn scores_n<K: Kernel, P: Copy + Into<u64>, const N: usize>(&self, rows: std::ops::Range<usize>, qs: &[f32], out: &mut [f32], stride: usize, terms: &RowTerms<P>) {
         let (d, bits, rb) = (self.d, self.bits, self.row_bytes);
         let n_q = qs.len() / d;
         let (lo, hi, j0) = (rows.start, rows.end.min(self.n), rows.start);
         let mut qp = [0f32; MAX_DIRECT_QUERIES * MAX_HEAD_DIM];
         let mut sz = [0f32; 2 * MAX_HEAD_DIM];
         let mut s = [0f32; N];
+        let mut cursor = terms.cursor(d);
         match self.layout {
             Layout::Token { group } => {
                 let n_g = d / group;
@@ -287,12 +355,17 @@ impl QuantMatrix {
                         K::f16s(&self.scales[j * n_g * 2..(j + 1) * n_g * 2], &mut sz[..2 * n_g]);
                         K::dot::<N>(bits, codes, &qp[..N * d], d, group, &sz[..2 * n_g], &mut s);
                     }
-                    for i in 0..n_q {
+                    for (i, x) in s.iter_mut().enumerate().take(n_q) {
                         let mut z = 0f32;
                         for g in 0..n_g {
                             z += sz[2 * g + 1] * qsum[i * n_g + g];
                         }
-                        out[i * stride + j - j0] = s[i] + z;
+                        *x += z;
+                    }
+                    // SAFETY: as above.
+                    unsafe { terms.add::<K, N>(&mut cursor, j, qs, &mut s) };
+                    for i in 0..n_q {
+                        out[i * stride + j - j0] = s[i];
                     }
                 }
             }
@@ -304,23 +377,18 @@ impl QuantMatrix {
                 let mut base = [0f32; N];
                 for (gi, grows) in self.row_groups(lo, hi) {
                     // SAFETY: as above.
-                    unsafe { K::f16s(&self.scales[gi * d * 2..(gi + 1) * d * 2], &mut sz[..2 * d]) };
-                    for (i, q) in qs.chunks_exact(d).enumerate() {
-                        for (x, &c) in qp[i * d..(i + 1) * d].iter_mut().zip(&order.perm) {
-                            *x = q[c as usize] * sz[2 * c as usize];
-                        }
-                        let mut t = 0f32;
-                        for (c, &x) in q.iter().enumerate() {
-                            t += x * sz[2 * c + 1];
-                        }
-                        base[i] = t;
-                    }
+                    unsafe { K::channel_queries::<N>(bits, qs, &self.scales[gi * d * 2..(gi + 1) * d * 2], &order, d, &mut qp[..N * d], &mut base) };
                     for j in grows {
                         let codes = &self.codes[j * rb..(j + 1) * rb];
                         // SAFETY: as above.
                         unsafe { K::dot::<N>(bits, codes, &qp[..N * d], d, d, &one, &mut s) };
+                        for (x, &b) in s.iter_mut().zip(&base) {
+                            *x += b;
+                        }
+                        // SAFETY: as above.
+                        unsafe { terms.add::<K, N>(&mut cursor, j, qs, &mut s) };
                         for i in 0..n_q {
-                            out[i * stride + j - j0] = s[i] + base[i];
+                            out[i * stride + j - j0] = s[i];
                         }
                     }
                 }
@@ -357,10 +425,12 @@ impl QuantMatrix {
         match self.layout {
             Layout::Token { group } => {
                 let n_g = d / group;
-                // Per query and group: the row's weight times its step, and the sum of weight
-                // times zero point.
-                let mut w = [0f32; MAX_DIRECT_QUERIES * MAX_HEAD_DIM / 8];
-                let mut zacc = [0f32; MAX_DIRECT_QUERIES * MAX_HEAD_DIM / 8];
+                // Per query, the row's weight times its steps and zero points (interleaved as
+                // stored: the steps are the kernel's weights, 2 apart), and those products summed
+                // over the rows (the zero points' part).
+                let w2 = 2 * n_g;
+                let mut w = [0f32; MAX_DIRECT_QUERIES * MAX_HEAD_DIM / 4];
+                let mut zacc = [0f32; MAX_DIRECT_QUERIES * MAX_HEAD_DIM / 4];
                 for j in lo..hi {
                     let mut any = false;
                     for i in 0..n_q {
@@ -372,21 +442,21 @@ impl QuantMatrix {
                     }
                     let codes = &self.codes[j * rb..(j + 1) * rb];
                     // SAFETY: the caller runs `K` where the CPU has its instructions.
-                    unsafe { K::f16s(&self.scales[j * n_g * 2..(j + 1) * n_g * 2], &mut sz[..2 * n_g]) };
+                    unsafe { K::f16s(&self.scales[j * w2..(j + 1) * w2], &mut sz[..w2]) };
                     for (i, &x) in pj.iter().enumerate() {
-                        for g in 0..n_g {
-                            w[i * n_g + g] = x * sz[2 * g];
-                            zacc[i * n_g + g] += x * sz[2 * g + 1];
+                        for ((w, z), &s) in w[i * w2..(i + 1) * w2].iter_mut().zip(&mut zacc[i * w2..(i + 1) * w2]).zip(&sz[..w2]) {
+                            *w = x * s;
+                            *z += *w;
                         }
                     }
                     // SAFETY: as above.
-                    unsafe { K::axpy::<N>(bits, codes, &w[..N * n_g], d, group, &mut acc[..N * d]) };
+                    unsafe { K::axpy::<N>(bits, codes, &w[..N * w2], 2, d, group, &mut acc[..N * d]) };
                 }
                 // Every code of a chunk is in the same group.
                 let cc = direct::chunk_codes(bits);
                 for (i, o) in out.chunks_exact_mut(d).enumerate() {
                     for (ch, (a, p)) in acc[i * d..(i + 1) * d].chunks_exact(cc).zip(order.perm[..d].chunks_exact(cc)).enumerate() {
-                        let z = zacc[i * n_g + ch * cc / group];
+                        let z = zacc[(i * n_g + ch * cc / group) * 2 + 1];
                         for (&a, &c) in a.iter().zip(p) {
                             o[c as usize] += a + z;
                         }
@@ -408,7 +478,7 @@ impl QuantMatrix {
                         }
                         if any {
                             // SAFETY: as above.
-                            unsafe { K::axpy::<N>(bits, &self.codes[j * rb..(j + 1) * rb], &pj, d, d, &mut acc[..N * d]) };
+                            unsafe { K::axpy::<N>(bits, &self.codes[j * rb..(j + 1) * rb], &pj, 1, d, d, &mut acc[..N * d]) };
                         }
                     }
                     for (i, o) in out.chunks_exact_mut(d).enumerate() {
@@ -572,7 +642,7 @@ mod tests {
                         let m = hi - lo;
                         let what = format!("seed {seed} bits {bits} {layout:?} queries {n_q} rows {lo}..{hi}");
                         let mut sc = vec![f32::NAN; n_q * m];
-                        q.scores_direct::<K>(lo..hi, &qs, &mut sc, m);
+                        q.scores_direct::<K, u16>(lo..hi, &qs, &mut sc, m, &RowTerms::none());
                         for i in 0..n_q {
                             for j in lo..hi.min(n) {
                                 let terms = || (0..d).map(|c| qs[i * d + c] as f64 * deq[j * d + c] as f64);
