@@ -241,9 +241,9 @@ impl Kernel for Avx2 {
         // chunks per permutation.
         let (qs, sz, qp) = (&qs[..n_q * d], &sz[..2 * d], &mut qp[..n_q * d]);
         let sz = sz.as_ptr() as *const u16;
-        for i in 0..n_q {
+        for (i, b) in base.iter_mut().enumerate().take(n_q) {
             let (q, p) = (qs.as_ptr().add(i * d), qp.as_mut_ptr().add(i * d));
-            base[i] = match bits {
+            *b = match bits {
                 8 => x86::channel_query::<8>(q, sz, d, p),
                 4 => x86::channel_query::<4>(q, sz, d, p),
                 _ => x86::channel_query::<2>(q, sz, d, p),

@@ -85,9 +85,9 @@ pub(crate) fn shared_scale_bytes_per_row(layout: Layout, d: usize) -> usize {
 }
 
 /// What the direct scores add to each row's dot product with the backbone: GEAR's low-rank
-/// term `a_j . bq_i` (`a`: `[n, rank]`, `rank` 0 for none) and its outliers' corrections, `q_i[c]
-/// * v` for a correction `v` at flat position `j * d + c` (`pos` ascending, every one in the rows
-/// scored).
+/// term `a_j . bq_i` (`a`: `[n, rank]`, `rank` 0 for none) and its outliers' corrections,
+/// `q_i[c] * v` for a correction `v` at flat position `j * d + c` (`pos` ascending, every one in
+/// the rows scored).
 pub(crate) struct RowTerms<'a, P> {
     pub(crate) a: &'a [f16],
     pub(crate) rank: usize,
