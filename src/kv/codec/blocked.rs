@@ -34,7 +34,7 @@ use half::slice::HalfFloatSliceExt;
 use super::direct::{self, Kernel, Portable};
 use super::lowrank::LowRank;
 use super::quant::{Layout, QuantMatrix, RowTerms};
-use super::sparse::{best_code, outlier_count, Outliers, Positions};
+use super::sparse::{best_code, outlier_count, Outliers, Positions, RowSplit};
 use super::{KvBytes, MAX_DIRECT_QUERIES, MAX_HEAD_DIM, MAX_RANK};
 use crate::rng::Rng;
 
@@ -489,14 +489,9 @@ impl Part {
 /// `vals`.
 #[inline(always)]
 fn deltas_of<K: Kernel, P: Copy + Into<u64>>(pos: &[P], vals: &[f16], d: usize, mut f: impl FnMut(usize, usize, f32)) {
-    // Head sizes are powers of two in practice: a shift, not a division, per outlier.
-    let shift = d.is_power_of_two().then(|| d.trailing_zeros());
+    let rows = RowSplit::new(d);
     for (&p, &v) in pos.iter().zip(vals) {
-        let p = p.into() as usize;
-        let (j, c) = match shift {
-            Some(sh) => (p >> sh, p & (d - 1)),
-            None => (p / d, p % d),
-        };
+        let (j, c) = rows.split(p.into() as usize);
         // SAFETY: the caller runs `K` where the CPU has its instructions.
         f(j, c, unsafe { K::h2f(v) });
     }

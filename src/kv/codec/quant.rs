@@ -23,6 +23,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::direct::{self, Kernel};
 use super::pack::{code_at, f16_down, f16_up, pack_row, row_bytes, set_code_at, unpack_row};
+use super::sparse::RowSplit;
 use super::{MAX_DIRECT_QUERIES, MAX_HEAD_DIM, MAX_RANK};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,8 +100,7 @@ pub(crate) struct RowTerms<'a, P> {
 /// Where `RowTerms::add` is in the corrections, and how a position splits into row and channel.
 pub(crate) struct Cursor {
     next: usize,
-    /// `log2 d` where `d` is a power of two (a shift, not a division, per correction).
-    shift: Option<u32>,
+    rows: RowSplit,
     d: usize,
 }
 
@@ -115,7 +115,7 @@ impl RowTerms<'_, u16> {
 
 impl<P: Copy + Into<u64>> RowTerms<'_, P> {
     pub(crate) fn cursor(&self, d: usize) -> Cursor {
-        Cursor { next: 0, shift: d.is_power_of_two().then(|| d.trailing_zeros()), d }
+        Cursor { next: 0, rows: RowSplit::new(d), d }
     }
 
     /// Adds row `j`'s terms to its scores `s` (one per query of `qs`, `[n_q, d]`): the low-rank
@@ -134,11 +134,7 @@ impl<P: Copy + Into<u64>> RowTerms<'_, P> {
             }
         }
         while let Some(&p) = self.pos.get(cur.next) {
-            let p = p.into() as usize;
-            let (row, c) = match cur.shift {
-                Some(sh) => (p >> sh, p & (d - 1)),
-                None => (p / d, p % d),
-            };
+            let (row, c) = cur.rows.split(p.into() as usize);
             if row != j {
                 break;
             }

@@ -10,6 +10,29 @@
 
 use half::f16;
 
+/// Splits a flat index `j * d + c` into row `j` and channel `c`.
+#[derive(Clone, Copy)]
+pub(crate) struct RowSplit {
+    d: usize,
+    /// `log2 d` where `d` is a power of two (as head sizes are in practice): a shift, not a
+    /// division, per index.
+    shift: Option<u32>,
+}
+
+impl RowSplit {
+    pub(crate) fn new(d: usize) -> RowSplit {
+        RowSplit { d, shift: d.is_power_of_two().then(|| d.trailing_zeros()) }
+    }
+
+    #[inline(always)]
+    pub(crate) fn split(self, p: usize) -> (usize, usize) {
+        match self.shift {
+            Some(sh) => (p >> sh, p & (self.d - 1)),
+            None => (p / self.d, p % self.d),
+        }
+    }
+}
+
 /// An `Outliers`' flat indices as stored.
 pub(crate) enum Positions<'a> {
     U16(&'a [u16]),
